@@ -1,0 +1,71 @@
+"""The ``bedside`` command: the composition root of every Bedside process.
+
+Configuration is parsed here, once, into frozen objects and passed down. Sub-commands live in
+their own modules (``cli_devices``, ``cli_sim``, ...); each prints one clear line on stderr and
+exits non-zero when something is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable
+from typing import NoReturn, TypeVar
+
+import typer
+
+from agent.logging import configure_logging
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="bedside",
+    help="Bedside: point-of-care manufacturing of cell therapies, beside the patient.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one clear error line on stderr and exit."""
+    typer.echo(f"bedside: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def run_async(coro: Awaitable[T]) -> T:
+    """Run a coroutine to completion, turning Ctrl-C into a quiet exit."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.callback()
+def _main(
+    log_format: str = typer.Option("auto", "--log-format", help="json, console or auto"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+) -> None:
+    if log_format not in ("json", "console", "auto"):
+        fail(f"--log-format must be json, console or auto, not {log_format!r}")
+    configure_logging(log_format, log_level)  # type: ignore[arg-type]
+
+
+def _register() -> None:
+    from agent import cli_devices, cli_sim
+
+    app.add_typer(cli_devices.app, name="devices")
+    app.command("sim", help=cli_sim.serve.__doc__)(cli_sim.serve)
+    app.add_typer(cli_sim.fault_app, name="sim-fault")
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `bedside devices watch ... | head`
+        sys.stderr.close()
+        raise SystemExit(0) from None
