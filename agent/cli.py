@@ -52,8 +52,9 @@ def _main(
 
 
 def _register() -> None:
-    from agent import cli_devices, cli_sim
+    from agent import cli_demo, cli_devices, cli_sim
 
+    app.command("demo", help=cli_demo.demo.__doc__)(cli_demo.demo)
     app.add_typer(cli_devices.app, name="devices")
     app.command("sim", help=cli_sim.serve.__doc__)(cli_sim.serve)
     app.add_typer(cli_sim.fault_app, name="sim-fault")

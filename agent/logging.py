@@ -44,5 +44,7 @@ def configure_logging(
     )
     # libraries (asyncua, pymodbus, uvicorn) log through the stdlib: keep them quiet but visible
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=out, format="%(name)s %(levelname)s %(message)s")
+    # their own reports of faults we handle (dropped sessions, retries) would read as errors;
+    # our drivers log those events once, with context. --log-level debug shows everything.
     for noisy in ("asyncua", "pymodbus"):
-        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING) + 10)
+        logging.getLogger(noisy).setLevel(numeric if numeric <= logging.DEBUG else logging.CRITICAL)

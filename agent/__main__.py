@@ -1,0 +1,5 @@
+"""``python -m agent`` is the ``bedside`` command."""
+
+from agent.cli import main
+
+main()
