@@ -42,3 +42,24 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     if leaked:
         names = ", ".join(sorted({t.get_coro().__qualname__ for t in leaked}))  # type: ignore[union-attr]
         pytest.fail(f"test left {len(leaked)} task(s) running: {names}")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL server URL for the session (see tests/pg.py); skips when there is none."""
+    from tests import pg
+
+    try:
+        with pg.server(free_port()) as url:
+            yield url
+    except LookupError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A PostgreSQL URL whose search path is a fresh schema, dropped after the test."""
+    from tests import pg
+
+    with pg.fresh_schema(pg_server) as url:
+        yield url
