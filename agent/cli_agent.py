@@ -1,4 +1,4 @@
-"""``bedside keys``, ``bedside verify``, ``bedside agent``, ``bedside status``, ``bedside control-site``."""
+"""``bedside keys``, ``verify``, ``agent``, ``status`` and ``control-site`` commands."""
 
 from __future__ import annotations
 
@@ -17,15 +17,25 @@ keys_app = typer.Typer(help="The unit's signing key.", no_args_is_help=True)
 agent_app = typer.Typer(help="The on-site agent service.", no_args_is_help=True)
 cs_app = typer.Typer(help="The control-site service.", no_args_is_help=True)
 
-STATE_DIR = typer.Option(Path(os.environ.get("BEDSIDE_STATE_DIR", ".bedside")), "--state-dir",
-                         help="the unit's state folder (journal, keys)")
-CS_STATE = typer.Option(Path(os.environ.get("BEDSIDE_CONTROL_SITE_DIR", ".bedside-control-site")),
-                        "--state-dir", help="the control site's state folder (API token)")
+STATE_DIR = typer.Option(
+    Path(os.environ.get("BEDSIDE_STATE_DIR", ".bedside")),
+    "--state-dir",
+    help="the unit's state folder (journal, keys)",
+)
+CS_STATE = typer.Option(
+    Path(os.environ.get("BEDSIDE_CONTROL_SITE_DIR", ".bedside-control-site")),
+    "--state-dir",
+    help="the control site's state folder (API token)",
+)
 
 
 @keys_app.command("init")
-def keys_init(state_dir: Path = STATE_DIR,
-              force: bool = typer.Option(False, "--force", help="replace an existing key (orphans the enrolment)")) -> None:
+def keys_init(
+    state_dir: Path = STATE_DIR,
+    force: bool = typer.Option(
+        False, "--force", help="replace an existing key (orphans the enrolment)"
+    ),
+) -> None:
     """Create the unit's Ed25519 key (0600) and print its public key for enrolment."""
     from agent.keys import init_unit_key
     from agent.records import JournalError
@@ -34,11 +44,15 @@ def keys_init(state_dir: Path = STATE_DIR,
         key, public = init_unit_key(state_dir, force=force)
     except JournalError as exc:
         fail(str(exc))
-    typer.echo(json.dumps({"state_dir": str(state_dir), "key_id": key.key_id, "public_key": public}))
+    typer.echo(
+        json.dumps({"state_dir": str(state_dir), "key_id": key.key_id, "public_key": public})
+    )
 
 
-def verify(path: Path,
-           public_key: str = typer.Option(None, "--public-key", help="the enrolled key (base64 or hex)")) -> None:
+def verify(
+    path: Path,
+    public_key: str = typer.Option(None, "--public-key", help="the enrolled key (base64 or hex)"),
+) -> None:
     """Verify a journal or an export offline; names the first bad record and why."""
     from agent.records import JournalError
     from agent.verify import verify_path
@@ -47,22 +61,39 @@ def verify(path: Path,
         report = verify_path(path, public_key)
     except (JournalError, ValueError) as exc:
         fail(str(exc))
-    typer.echo(json.dumps({"ok": report.ok, "records": report.count, "first_bad": report.first_bad,
-                           "reason": report.reason, "unit": report.unit, "head_seq": report.head_seq,
-                           "checkpoints": report.checkpoints, "unsealed": report.unsealed,
-                           "signatures_checked": report.signatures_checked}))
+    typer.echo(
+        json.dumps(
+            {
+                "ok": report.ok,
+                "records": report.count,
+                "first_bad": report.first_bad,
+                "reason": report.reason,
+                "unit": report.unit,
+                "head_seq": report.head_seq,
+                "checkpoints": report.checkpoints,
+                "unsealed": report.unsealed,
+                "signatures_checked": report.signatures_checked,
+            }
+        )
+    )
     if not report.ok:
         raise typer.Exit(1)
 
 
 @agent_app.command("run")
 def agent_run(
-    config: Path = typer.Option(None, "--config", help="unit configuration (default: the simulated unit)"),
+    config: Path = typer.Option(
+        None, "--config", help="unit configuration (default: the simulated unit)"
+    ),
     state_dir: Path = STATE_DIR,
-    control_site: str = typer.Option(None, "--control-site", help="control-site URL, e.g. https://cs.example:8443"),
+    control_site: str = typer.Option(
+        None, "--control-site", help="control-site URL, e.g. https://cs.example:8443"
+    ),
     ca: str = typer.Option(None, "--ca", help="CA or self-signed certificate of the control site"),
     api_port: int = typer.Option(8780, "--api-port", help="port of the local API (127.0.0.1)"),
-    speed: float = typer.Option(1.0, "--speed", help="clock speed (simulated seconds per wall second)"),
+    speed: float = typer.Option(
+        1.0, "--speed", help="clock speed (simulated seconds per wall second)"
+    ),
 ) -> None:
     """Run the agent: record every configured tag into the journal and forward it."""
     from agent.service import AgentService, AgentSettings
@@ -77,16 +108,26 @@ def agent_run(
     if not (state_dir / "unit.key").exists():
         fail(f"no unit key in {state_dir}; run `bedside keys init --state-dir {state_dir}` first")
     clock = SystemClock() if speed == 1 else ScaledClock(speed)
-    service = AgentService(cfg, clock, AgentSettings(state_dir=state_dir, control_site_url=control_site,
-                                                      control_site_ca=ca, api_port=api_port))
+    service = AgentService(
+        cfg,
+        clock,
+        AgentSettings(
+            state_dir=state_dir,
+            control_site_url=control_site,
+            control_site_ca=ca,
+            api_port=api_port,
+        ),
+    )
     try:
         run_async(service.run())
     except OSError as exc:
         fail(str(exc))
 
 
-def status(api: str = typer.Option("http://127.0.0.1:8780", "--api", help="the agent's local API")) -> None:
-    """Show the running agent's journal, uplink (link, backlog, last acknowledged seq) and devices."""
+def status(
+    api: str = typer.Option("http://127.0.0.1:8780", "--api", help="the agent's local API"),
+) -> None:
+    """Show the running agent's journal, uplink (link, backlog, last acked seq) and devices."""
     try:
         r = httpx.get(f"{api}/api/v1/status", timeout=5)
     except httpx.HTTPError as exc:
@@ -100,8 +141,15 @@ def cs_init(state_dir: Path = CS_STATE, force: bool = typer.Option(False, "--for
     from controlsite.service import init_state
 
     token = init_state(state_dir, force=force)
-    typer.echo(json.dumps({"state_dir": str(state_dir), "api_token_file": str(state_dir / "api-token"),
-                           "api_token": token}))
+    typer.echo(
+        json.dumps(
+            {
+                "state_dir": str(state_dir),
+                "api_token_file": str(state_dir / "api-token"),
+                "api_token": token,
+            }
+        )
+    )
 
 
 @cs_app.command("serve")
@@ -118,17 +166,20 @@ def cs_serve(
 
     try:
         serve(db, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, state_dir=state_dir)
-    except Exception as exc:  # noqa: BLE001 - the service's own errors carry their message
+    except Exception as exc:
         fail(str(exc))
 
 
 @cs_app.command("enroll")
-def cs_enroll(unit: str, pubkey: str,
-              db: str = typer.Option("controlsite.db", "--db", help="SQLite path or postgresql:// URL")) -> None:
+def cs_enroll(
+    unit: str,
+    pubkey: str,
+    db: str = typer.Option("controlsite.db", "--db", help="SQLite path or postgresql:// URL"),
+) -> None:
     """Register a unit and its public key."""
     from controlsite.enroll import enroll
 
     try:
         typer.echo(json.dumps(enroll(db, unit, pubkey)))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         fail(str(exc))

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -28,9 +27,21 @@ from drivers.base import Sample
 from drivers.clock import SystemClock
 from drivers.errors import DriverError, WriteRefused
 
-SHOWN = ["temperature", "temperature_sp", "dissolved_oxygen", "ph", "viable_cell_density",
-         "viability", "glucose", "lactate", "volume", "rocking", "feed_speed", "feed_dispensed",
-         "bag_weight"]
+SHOWN = [
+    "temperature",
+    "temperature_sp",
+    "dissolved_oxygen",
+    "ph",
+    "viable_cell_density",
+    "viability",
+    "glucose",
+    "lactate",
+    "volume",
+    "rocking",
+    "feed_speed",
+    "feed_dispensed",
+    "bag_weight",
+]
 
 
 def _table(latest: dict[str, Sample], units: dict[str, str], elapsed: float, note: str) -> Table:
@@ -39,18 +50,38 @@ def _table(latest: dict[str, Sample], units: dict[str, str], elapsed: float, not
         table.add_column(col, justify="right" if col == "value" else "left")
     for tag in SHOWN:
         s = latest.get(tag)
-        value = "" if s is None or s.value is None else (
-            f"{s.value:,.3g}" if isinstance(s.value, float) and abs(s.value) >= 1e4 else
-            f"{s.value:.2f}" if isinstance(s.value, float) else str(s.value))
+        value = (
+            ""
+            if s is None or s.value is None
+            else (
+                f"{s.value:,.3g}"
+                if isinstance(s.value, float) and abs(s.value) >= 1e4
+                else f"{s.value:.2f}"
+                if isinstance(s.value, float)
+                else str(s.value)
+            )
+        )
         table.add_row(tag, value, units.get(tag, ""), s.quality.value if s else "")
     return table
 
 
 async def _start_sim(speed: float, run_dir: str, env: dict[str, str]) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "--log-format", "json", "--log-level", "warning",
-        "sim", "--speed", str(speed), "--control-port", env["BEDSIDE_SIM_CONTROL_PORT"],
-        stdout=asyncio.subprocess.PIPE, env=env)
+        sys.executable,
+        "-m",
+        "agent",
+        "--log-format",
+        "json",
+        "--log-level",
+        "warning",
+        "sim",
+        "--speed",
+        str(speed),
+        "--control-port",
+        env["BEDSIDE_SIM_CONTROL_PORT"],
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
     assert proc.stdout is not None
     try:
         async with asyncio.timeout(60):
@@ -80,8 +111,10 @@ def demo(
     duration = minutes * 60
 
     async def go() -> None:
-        console.print(f"[bold]Bedside demo[/]: starting the simulated unit at {speed:g}x "
-                      f"(run folder {run_dir})")
+        console.print(
+            f"[bold]Bedside demo[/]: starting the simulated unit at {speed:g}x "
+            f"(run folder {run_dir})"
+        )
         sim = await _start_sim(speed, run_dir, env)
         notes = ["watching"]
         try:
@@ -96,12 +129,19 @@ def demo(
                 ]
                 t0 = time.monotonic()
                 stream = hub.observe(SHOWN)
-                live = Live(_table(hub.latest, units, 0, notes[-1]), console=console,
-                            refresh_per_second=4, transient=not console.is_terminal)
+                live = Live(
+                    _table(hub.latest, units, 0, notes[-1]),
+                    console=console,
+                    refresh_per_second=4,
+                    transient=not console.is_terminal,
+                )
                 with live:
+
                     async def drive() -> None:
                         for at, tag, value, note in script:
-                            await asyncio.sleep(max(0.0, at * duration / 60 - (time.monotonic() - t0)))
+                            await asyncio.sleep(
+                                max(0.0, at * duration / 60 - (time.monotonic() - t0))
+                            )
                             try:
                                 await hub.write(tag, value)
                                 notes.append(note)
@@ -113,7 +153,9 @@ def demo(
                     try:
                         async with asyncio.timeout(duration):
                             async for _ in stream:
-                                live.update(_table(hub.latest, units, time.monotonic() - t0, notes[-1]))
+                                live.update(
+                                    _table(hub.latest, units, time.monotonic() - t0, notes[-1])
+                                )
                     except TimeoutError:
                         pass
                     finally:
@@ -125,8 +167,10 @@ def demo(
         finally:
             sim.terminate()
             await sim.wait()
-        console.print("[bold green]demo complete[/]: the simulated unit ran, the drivers watched "
-                      "it, set-points were followed and an out-of-limits write was refused.")
+        console.print(
+            "[bold green]demo complete[/]: the simulated unit ran, the drivers watched "
+            "it, set-points were followed and an out-of-limits write was refused."
+        )
 
     try:
         run_async(go())

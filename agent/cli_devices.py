@@ -17,8 +17,9 @@ from drivers.base import Value
 from drivers.clock import SystemClock
 from drivers.errors import DriverError
 
-app = typer.Typer(help="Read, write, watch and browse devices of a unit configuration.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Read, write, watch and browse devices of a unit configuration.", no_args_is_help=True
+)
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -40,7 +41,10 @@ def _select(cfg: UnitConfig, tags: list[str]) -> tuple[list[str], list[str]]:
     known = cfg.all_tags()
     unknown = [t for t in tags if t not in known]
     if unknown:
-        fail(f"unknown tag(s) {', '.join(unknown)} in {cfg.source}; known: {', '.join(sorted(known))}")
+        fail(
+            f"unknown tag(s) {', '.join(unknown)} in {cfg.source}; "
+            f"known: {', '.join(sorted(known))}"
+        )
     chosen = tags or list(known)
     return chosen, sorted({known[t] for t in chosen})
 
@@ -63,7 +67,9 @@ def parse_value(text: str) -> Value:
 
 
 @app.command()
-def read(config: Path, tags: list[str] = typer.Argument(None, help="tags; all when omitted")) -> None:
+def read(
+    config: Path, tags: list[str] = typer.Argument(None, help="tags; all when omitted")
+) -> None:
     """Read tags once and print a JSON line per tag."""
     cfg = _load(config)
     chosen, devices = _select(cfg, tags or [])
@@ -93,8 +99,16 @@ def write(config: Path, tag: str, value: str) -> None:
         async with DeviceHub(cfg, SystemClock(), [dev]) as hub:
             sent = await hub.write(tag, parsed)
             back = (await hub.read([tag]))[tag]
-        emit({"device": dev, "tag": tag, "written": sent, "unit": definition.unit,
-              "read_back": back.value, "quality": back.quality.value})
+        emit(
+            {
+                "device": dev,
+                "tag": tag,
+                "written": sent,
+                "unit": definition.unit,
+                "read_back": back.value,
+                "quality": back.quality.value,
+            }
+        )
 
     try:
         run_async(go())

@@ -22,8 +22,9 @@ from agent.config import ModbusDevice, OpcUaDevice, SerialDevice, UnitConfig, de
 from agent.yamlsource import DocumentError
 from drivers.clock import ScaledClock
 
-fault_app = typer.Typer(help="Inject and clear faults in a running `bedside sim`.",
-                        no_args_is_help=True)
+fault_app = typer.Typer(
+    help="Inject and clear faults in a running `bedside sim`.", no_args_is_help=True
+)
 
 DEFAULT_RUN_DIR = "/tmp/bedside-sim"
 
@@ -49,17 +50,24 @@ def sim_endpoints(cfg: UnitConfig, control_port: int) -> Any:
         else:  # pragma: no cover - the config model admits no other driver
             fail(f"device {name}: no simulator for driver {dev.driver}")
     links = [kw.get("balance_link"), kw.get("rtu_link")]
-    run_dir = next((str(Path(p).parent) for p in links if p), os.environ.get("BEDSIDE_RUN_DIR", DEFAULT_RUN_DIR))
+    run_dir = next(
+        (str(Path(p).parent) for p in links if p),
+        os.environ.get("BEDSIDE_RUN_DIR", DEFAULT_RUN_DIR),
+    )
     return SimEndpoints(**kw, run_dir=run_dir)
 
 
 def serve(
-    config: Path = typer.Option(None, "--config", help="unit configuration (default: the shipped simulated unit)"),
+    config: Path = typer.Option(
+        None, "--config", help="unit configuration (default: the shipped simulated unit)"
+    ),
     speed: float = typer.Option(1.0, "--speed", help="simulated seconds per wall second"),
     seed: int = typer.Option(0, "--seed", help="seed of the sensor noise and donor variability"),
-    control_port: int = typer.Option(8790, "--control-port", help="port of the fault control endpoint"),
+    control_port: int = typer.Option(
+        8790, "--control-port", help="port of the fault control endpoint"
+    ),
 ) -> None:
-    """Run the simulated unit (bioreactor, cell processor, pumps, balance) until SIGTERM or Ctrl-C."""
+    """Run the simulated unit (bioreactor, cell processor, pumps, balance) until SIGTERM."""
     from agent.config import load_config
     from simulators.unit import SimulatedUnit
 
@@ -81,9 +89,17 @@ def serve(
             loop.add_signal_handler(sig, stop.set)
         try:
             async with SimulatedUnit(clock, endpoints, seed=seed) as unit:
-                typer.echo(json.dumps({"event": "sim_ready", "speed": speed,
-                                       "config": str(config or default_config_path()),
-                                       "endpoints": unit.describe()}), nl=True)
+                typer.echo(
+                    json.dumps(
+                        {
+                            "event": "sim_ready",
+                            "speed": speed,
+                            "config": str(config or default_config_path()),
+                            "endpoints": unit.describe(),
+                        }
+                    ),
+                    nl=True,
+                )
                 await stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,8 +132,11 @@ def _request(run_dir: str, method: str, path: str, body: dict[str, Any] | None =
     typer.echo(json.dumps(r.json()))
 
 
-RUN_DIR = typer.Option(os.environ.get("BEDSIDE_RUN_DIR", DEFAULT_RUN_DIR), "--run-dir",
-                       help="the simulator's run folder (holds control.url and control.token)")
+RUN_DIR = typer.Option(
+    os.environ.get("BEDSIDE_RUN_DIR", DEFAULT_RUN_DIR),
+    "--run-dir",
+    help="the simulator's run folder (holds control.url and control.token)",
+)
 
 
 @fault_app.command("show")

@@ -53,8 +53,10 @@ class Recording(Strict):
     quality is always recorded."""
 
     mode: Literal["periodic", "on_change", "never"] = "on_change"
-    interval: float = Field(60.0, gt=0, description="seconds between periodic records")
-    deadband: float = Field(0.0, ge=0, description="absolute change that counts as a change")
+    interval: float = Field(default=60.0, gt=0, description="seconds between periodic records")
+    deadband: float = Field(
+        default=0.0, ge=0, description="absolute change that counts as a change"
+    )
 
 
 class TagBase(Strict):
@@ -151,7 +153,9 @@ class Security(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Security:
         if (self.policy == "None") != (self.mode == "None"):
-            raise ValueError("policy None goes with mode None, Basic256Sha256 with Sign or SignAndEncrypt")
+            raise ValueError(
+                "policy None goes with mode None, Basic256Sha256 with Sign or SignAndEncrypt"
+            )
         if self.policy != "None" and not (self.certificate and self.private_key):
             raise ValueError("a secure policy needs certificate and private_key files")
         return self
@@ -238,7 +242,9 @@ class UnitConfig(Strict):
 
 _HINTS = {
     "union_tag_invalid": "driver must be one of opcua, modbus, serial",
-    "string_pattern_mismatch": "names are lower_snake_case; endpoints as opc.tcp://, tcp://HOST:PORT or rtu://PATH",
+    "string_pattern_mismatch": (
+        "names are lower_snake_case; endpoints as opc.tcp://, tcp://HOST:PORT or rtu://PATH"
+    ),
     "enum": "see docs/configuration.md for the allowed values",
 }
 

@@ -49,16 +49,26 @@ def build_driver(name: str, config: UnitConfig, clock: Clock) -> Driver:
         for tag, t in dev.tags.items():
             node_id, path = (t.node_id, None) if t.node_id else _path_or_id(t.browse_path or "")
             points.append(
-                OpcUaPoint(tag, node_id=node_id, browse_path=path,
-                           sampling_interval_ms=t.sampling_interval * 1000, deadband=t.deadband)
+                OpcUaPoint(
+                    tag,
+                    node_id=node_id,
+                    browse_path=path,
+                    sampling_interval_ms=t.sampling_interval * 1000,
+                    deadband=t.deadband,
+                )
             )
         methods = []
         for mname, m in dev.methods.items():
             obj_id, obj_path = _path_or_id(m.object)
             met_id, met_path = _path_or_id(m.method)
             methods.append(
-                OpcUaMethod(mname, object_node_id=obj_id, object_browse_path=obj_path,
-                            method_node_id=met_id, method_browse_path=met_path)
+                OpcUaMethod(
+                    mname,
+                    object_node_id=obj_id,
+                    object_browse_path=obj_path,
+                    method_node_id=met_id,
+                    method_browse_path=met_path,
+                )
             )
         sec = dev.security
         security = SecurityConfig(
@@ -70,26 +80,50 @@ def build_driver(name: str, config: UnitConfig, clock: Clock) -> Driver:
             if sec.server_certificate
             else None,
         )
-        return OpcUaDriver(name, dev.endpoint, points, methods, clock=clock,
-                           security=security, timeout=dev.timeout)
+        return OpcUaDriver(
+            name, dev.endpoint, points, methods, clock=clock, security=security, timeout=dev.timeout
+        )
     if isinstance(dev, ModbusDevice):
         from drivers.modbus import ModbusDriver
 
         mpoints = [
-            ModbusPoint(tag, t.table, t.address, t.data_type, t.unit_id, t.word_order,
-                        t.byte_order, t.scale, t.offset)
+            ModbusPoint(
+                tag,
+                t.table,
+                t.address,
+                t.data_type,
+                t.unit_id,
+                t.word_order,
+                t.byte_order,
+                t.scale,
+                t.offset,
+            )
             for tag, t in dev.tags.items()
         ]
-        return ModbusDriver(name, dev.endpoint, mpoints, clock=clock, timeout=dev.timeout,
-                            retries=dev.retries, poll_interval=dev.poll_interval,
-                            baudrate=dev.baudrate, parity=dev.parity)
+        return ModbusDriver(
+            name,
+            dev.endpoint,
+            mpoints,
+            clock=clock,
+            timeout=dev.timeout,
+            retries=dev.retries,
+            poll_interval=dev.poll_interval,
+            baudrate=dev.baudrate,
+            parity=dev.parity,
+        )
     if isinstance(dev, SerialDevice):
         from drivers.mtsics import MtSicsBalance
 
         spoints = [SerialPoint(tag, t.command) for tag, t in dev.tags.items()]
-        return MtSicsBalance(name, str(config.resolve(dev.endpoint)), spoints, clock=clock,
-                             baudrate=dev.baudrate, timeout=dev.timeout,
-                             poll_interval=dev.poll_interval)
+        return MtSicsBalance(
+            name,
+            str(config.resolve(dev.endpoint)),
+            spoints,
+            clock=clock,
+            baudrate=dev.baudrate,
+            timeout=dev.timeout,
+            poll_interval=dev.poll_interval,
+        )
     raise ConfigurationError(name, f"unsupported driver {dev.driver!r}")  # pragma: no cover
 
 
@@ -134,7 +168,9 @@ class DeviceHub:
     devices whose tags it was asked for).
     """
 
-    def __init__(self, config: UnitConfig, clock: Clock, devices: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, config: UnitConfig, clock: Clock, devices: Iterable[str] | None = None
+    ) -> None:
         self.config = config
         self.clock = clock
         names = list(devices) if devices is not None else list(config.devices)
@@ -146,7 +182,10 @@ class DeviceHub:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -173,7 +212,9 @@ class DeviceHub:
         for tag in tags:
             dev, _ = self.config.tag(tag)
             if dev not in self.drivers:
-                raise ConfigurationError(dev, f"tag {tag!r} belongs to a device this hub does not drive")
+                raise ConfigurationError(
+                    dev, f"tag {tag!r} belongs to a device this hub does not drive"
+                )
             owned.setdefault(dev, []).append(tag)
         return owned
 
@@ -190,7 +231,9 @@ class DeviceHub:
         dev, definition = self.config.tag(tag)
         sent = check_write(dev, tag, definition, value)
         if dev not in self.drivers:
-            raise ConfigurationError(dev, f"tag {tag!r} belongs to a device this hub does not drive")
+            raise ConfigurationError(
+                dev, f"tag {tag!r} belongs to a device this hub does not drive"
+            )
         log.info("tag_write", device=dev, tag=tag, value=sent, unit=definition.unit)
         await self.drivers[dev].write(tag, sent)
         return sent
@@ -224,13 +267,22 @@ class DeviceHub:
                     now = self.clock.now()
                     for t in dev_tags:
                         last = self.latest.get(t)
-                        await queue.put(Sample(t, last.value if last else None, Quality.BAD, now,
-                                               status=f"unavailable: {exc.detail}"))
+                        await queue.put(
+                            Sample(
+                                t,
+                                last.value if last else None,
+                                Quality.BAD,
+                                now,
+                                status=f"unavailable: {exc.detail}",
+                            )
+                        )
                     await self.clock.sleep(delay)
                     delay = min(delay * 2, 10.0)
 
-        tasks = [asyncio.create_task(pump(d, ts), name=f"observe-{d}")
-                 for d, ts in self._by_device(tags).items()]
+        tasks = [
+            asyncio.create_task(pump(d, ts), name=f"observe-{d}")
+            for d, ts in self._by_device(tags).items()
+        ]
         try:
             while True:
                 sample = await queue.get()

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
 
 def configure_logging(
-    fmt: Literal["json", "console", "auto"] = "auto", level: str = "info", stream: object = None
+    fmt: Literal["json", "console", "auto"] = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
 ) -> None:
     """Configure structlog (and the stdlib loggers of the libraries) for this process.
 
     ``auto`` picks console on a terminal and JSON otherwise. Logs go to stderr so that commands
     printing JSON lines on stdout stay machine-readable.
     """
-    out = stream or sys.stderr
+    out: TextIO = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if getattr(out, "isatty", lambda: False)() else "json"
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
@@ -39,11 +41,13 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),  # type: ignore[arg-type]
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
     # libraries (asyncua, pymodbus, uvicorn) log through the stdlib: keep them quiet but visible
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=out, format="%(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING), stream=out, format="%(name)s %(levelname)s %(message)s"
+    )
     # their own reports of faults we handle (dropped sessions, retries) would read as errors;
     # our drivers log those events once, with context. --log-level debug shows everything.
     for noisy in ("asyncua", "pymodbus"):

@@ -15,7 +15,7 @@ changes still has its value on the record at the stated interval.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from agent.config import Recording
 from drivers.base import Sample
@@ -32,8 +32,10 @@ class _Track:
 
 def _moved(a: Sample, b: Sample, deadband: float) -> bool:
     va, vb = a.value, b.value
-    if isinstance(va, bool) or isinstance(vb, bool) or not (
-        isinstance(va, int | float) and isinstance(vb, int | float)
+    if (
+        isinstance(va, bool)
+        or isinstance(vb, bool)
+        or not (isinstance(va, int | float) and isinstance(vb, int | float))
     ):
         return va != vb
     return abs(va - vb) > deadband
@@ -70,11 +72,13 @@ class Recorder:
             track.latest = s
             last = track.recorded
             policy = track.policy
-            if last is None or last.quality != s.quality:
-                self._take(track, s, now, out)
-            elif policy.mode == "on_change" and _moved(last, s, policy.deadband):
-                self._take(track, s, now, out)
-            elif now - track.recorded_at >= policy.interval:
+            due = (
+                last is None
+                or last.quality != s.quality  # a change of quality is always recorded
+                or (policy.mode == "on_change" and _moved(last, s, policy.deadband))
+                or now - track.recorded_at >= policy.interval
+            )
+            if due:
                 self._take(track, s, now, out)
         if out:
             self._sink(out)
@@ -89,7 +93,7 @@ class Recorder:
         for track in self._tracks.values():
             if track.latest is not None and now - track.recorded_at >= track.policy.interval:
                 # the same reading, restated now: its source time says when it was taken
-                self._take(track, replace(track.latest, agent_time=stamp), now, out)
+                self._take(track, track.latest._replace(agent_time=stamp), now, out)
         if out:
             self._sink(out)
             self.recorded += len(out)

@@ -67,15 +67,27 @@ class AgentService:
         if self.journal:
             seq, head = self.journal.head()
             acked = self.journal.acknowledged_seq
-            out["journal"] = {"path": str(self.journal.path), "head_seq": seq, "head_hash": head,
-                              "durable_seq": self.journal.durable_seq, "acked_seq": acked,
-                              "backlog": seq - acked, "disk_free_bytes": self.journal.disk_free(),
-                              "low_disk": self.low_disk}
+            out["journal"] = {
+                "path": str(self.journal.path),
+                "head_seq": seq,
+                "head_hash": head,
+                "durable_seq": self.journal.durable_seq,
+                "acked_seq": acked,
+                "backlog": seq - acked,
+                "disk_free_bytes": self.journal.disk_free(),
+                "low_disk": self.low_disk,
+            }
         out["uplink"] = self.uplink.status() if self.uplink else {"link": "not configured"}
         if self.hub:
             out["devices"] = {
-                name: sorted({s.quality.value for t, s in self.hub.latest.items()
-                              if self.config.all_tags().get(t) == name}) or ["no data yet"]
+                name: sorted(
+                    {
+                        s.quality.value
+                        for t, s in self.hub.latest.items()
+                        if self.config.all_tags().get(t) == name
+                    }
+                )
+                or ["no data yet"]
                 for name in self.hub.drivers
             }
         if self.recorder:
@@ -100,12 +112,19 @@ class AgentService:
             if low != self.low_disk:
                 self.low_disk = low
                 free = journal.disk_free()
-                await journal.append(Kind.ALARM, {
-                    "alarm": "low_disk", "state": "active" if low else "returned",
-                    "priority": "high", "free_bytes": free,
-                    "message": f"{free / 2**20:.0f} MiB free on the journal's disk; "
-                               "runs are refused until space is freed" if low else "disk space recovered",
-                })
+                await journal.append(
+                    Kind.ALARM,
+                    {
+                        "alarm": "low_disk",
+                        "state": "active" if low else "returned",
+                        "priority": "high",
+                        "free_bytes": free,
+                        "message": f"{free / 2**20:.0f} MiB free on the journal's disk; "
+                        "runs are refused until space is freed"
+                        if low
+                        else "disk space recovered",
+                    },
+                )
                 log.warning("low_disk", free_bytes=free) if low else log.info("disk_recovered")
 
     def _bind_api(self) -> socket.socket:
@@ -117,12 +136,15 @@ class AgentService:
             sock.bind((host, port))
         except OSError as exc:
             sock.close()
-            raise OSError(f"the agent's local API cannot listen on {host}:{port}: {exc.strerror}") from exc
+            raise OSError(
+                f"the agent's local API cannot listen on {host}:{port}: {exc.strerror}"
+            ) from exc
         return sock
 
     async def _serve_api(self, sock: socket.socket) -> None:
         server = uvicorn.Server(uvicorn.Config(self._api(), log_level="warning", lifespan="off"))
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # the service owns SIGTERM/SIGINT (it flushes the journal); uvicorn must not take them
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         try:
             await server.serve(sockets=[sock])
         finally:
@@ -134,27 +156,41 @@ class AgentService:
         key = load_unit_key(s.state_dir)
         sock = self._bind_api()
         structlog.contextvars.bind_contextvars(unit=self.config.unit.id)
-        async with Journal.open(s.state_dir / "journal.db", unit=self.config.unit.id, signer=key,
-                                clock=self.clock, checkpoint_every=s.checkpoint_every,
-                                checkpoint_seconds=s.checkpoint_seconds,
-                                low_disk_bytes=s.low_disk_bytes) as journal:
+        async with Journal.open(
+            s.state_dir / "journal.db",
+            unit=self.config.unit.id,
+            signer=key,
+            clock=self.clock,
+            checkpoint_every=s.checkpoint_every,
+            checkpoint_seconds=s.checkpoint_seconds,
+            low_disk_bytes=s.low_disk_bytes,
+        ) as journal:
             self.journal = journal
             hub = DeviceHub(self.config, self.clock)
             await hub.connect(required=False)
             self.hub = hub
-            recorder = Recorder({t: self.config.tag(t)[1].record for t in self.config.all_tags()},
-                                journal.record_samples, self.clock)
+            recorder = Recorder(
+                {t: self.config.tag(t)[1].record for t in self.config.all_tags()},
+                journal.record_samples,
+                self.clock,
+            )
             self.recorder = recorder
-            await journal.append(Kind.EVENT, {"event": "agent_started",
-                                              "devices": sorted(self.config.devices)})
+            await journal.append(
+                Kind.EVENT, {"event": "agent_started", "devices": sorted(self.config.devices)}
+            )
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._record(hub, recorder), name="record")
                     tg.create_task(self._tick(recorder, journal), name="tick")
                     tg.create_task(self._serve_api(sock), name="api")
                     if s.control_site_url:
-                        self.uplink = Uplink(journal, s.control_site_url, unit_key=key,
-                                             clock=self.clock, verify=s.control_site_ca or True)
+                        self.uplink = Uplink(
+                            journal,
+                            s.control_site_url,
+                            unit_key=key,
+                            clock=self.clock,
+                            verify=s.control_site_ca or True,
+                        )
                         tg.create_task(self.uplink.run(), name="uplink")
                     self.ready.set()
             finally:

@@ -65,12 +65,16 @@ class Located:
                 return None
             loc = loc[:-1]
 
-    def problems_from(self, exc: ValidationError, hints: dict[str, str] | None = None) -> list[Problem]:
+    def problems_from(
+        self, exc: ValidationError, hints: dict[str, str] | None = None
+    ) -> list[Problem]:
         """Translate pydantic's errors into located problems."""
         out = []
         for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-            # pydantic adds the model/union member name to loc for tagged unions; keep data keys only
+            loc = tuple(
+                p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+            )
+            # pydantic adds union member names to loc for tagged unions; keep data keys only
             loc = _data_path(self.data, loc)
             path = ".".join(str(p) for p in loc)
             message = err["msg"].removeprefix("Value error, ")
@@ -92,10 +96,9 @@ def _data_path(data: Any, loc: Loc) -> Loc:
     node = data
     for i, part in enumerate(loc):
         last = i == len(loc) - 1
-        if isinstance(node, dict) and part in node:
-            kept.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
             kept.append(part)
             node = node[part]
         elif last and isinstance(node, dict):
@@ -116,8 +119,15 @@ def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str) -> Any:
             key = yaml.SafeLoader("").construct_object(key_node)
             if key in out:
                 raise DocumentError(
-                    [Problem(file, key_node.start_mark.line + 1, ".".join(map(str, (*loc, key))),
-                             f"duplicate key {key!r}", "each key may appear once")]
+                    [
+                        Problem(
+                            file,
+                            key_node.start_mark.line + 1,
+                            ".".join(map(str, (*loc, key))),
+                            f"duplicate key {key!r}",
+                            "each key may appear once",
+                        )
+                    ]
                 )
             out[key] = _build(value_node, (*loc, key), lines, file)
         return out
@@ -134,8 +144,15 @@ def parse_yaml(text: str, file: str = "<string>") -> Located:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         raise DocumentError(
-            [Problem(file, mark.line + 1 if mark else None, "", f"YAML syntax: {exc.problem}",
-                     str(exc.context or ""))]
+            [
+                Problem(
+                    file,
+                    mark.line + 1 if mark else None,
+                    "",
+                    f"YAML syntax: {exc.problem}",
+                    str(exc.context or ""),
+                )
+            ]
         ) from exc
     if root is None:
         raise DocumentError([Problem(file, None, "", "the document is empty")])
@@ -150,7 +167,9 @@ def load_yaml(path: str | Path) -> Located:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise DocumentError([Problem(str(p), None, "", f"cannot read the file: {exc.strerror}")]) from exc
+        raise DocumentError(
+            [Problem(str(p), None, "", f"cannot read the file: {exc.strerror}")]
+        ) from exc
     except UnicodeDecodeError as exc:
         raise DocumentError([Problem(str(p), None, "", f"not UTF-8 text: {exc.reason}")]) from exc
     return parse_yaml(text, str(p))

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, NamedTuple, Protocol, Self, runtime_checkable
 
 
 class Quality(enum.StrEnum):
@@ -36,13 +35,15 @@ class Quality(enum.StrEnum):
 Value = bool | int | float | str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One value of one tag.
+class Sample(NamedTuple):
+    """One value of one tag; immutable.
 
     ``source_time`` is when the device says the value was taken (``None`` where the protocol has
     no timestamps); ``agent_time`` is when the agent received it, from the injected clock.
     A bad sample keeps the last known value (or ``None``) and says why in ``status``.
+
+    A named tuple rather than a frozen dataclass: drivers build one per value on the hot path,
+    and a tuple is built about three times faster. ``sample._replace(...)`` gives a changed copy.
     """
 
     tag: str

@@ -19,6 +19,8 @@ Library exceptions (asyncua, pymodbus, pyserial) are translated at the driver bo
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class DriverError(Exception):
     """A device driver failed; the message names the device and what was being done."""
@@ -48,7 +50,7 @@ class ProtocolError(DriverError):
 class ModbusException(ProtocolError):
     """A Modbus exception response; ``code`` is the exception code (1 = illegal function...)."""
 
-    NAMES = {
+    NAMES: ClassVar[dict[int, str]] = {
         1: "illegal function",
         2: "illegal data address",
         3: "illegal data value",

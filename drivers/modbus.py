@@ -4,9 +4,9 @@ Endpoints: ``tcp://HOST:PORT`` (port 502 when omitted) and ``rtu://DEVICE_PATH``
 query ``?baudrate=19200&parity=E&stopbits=1&bytesize=8`` (the query wins over the keyword
 arguments), e.g. ``rtu:///dev/ttyUSB0?baudrate=9600``.
 
-Reads are planned once per tag set (``drivers.modbus_codec.plan_reads``): neighbouring points
-of one unit id and table share a request. Failures are kept per request, so one failing unit id
-on a bus does not discard the others:
+Reads are planned once per tag tuple (``drivers.modbus_codec.plan_reads``, cached):
+neighbouring points of one unit id and table share a request. Failures are kept per request, so
+one failing unit id on a bus does not discard the others:
 
 * an exception response becomes ``ModbusException`` (with its code), a silent unit
   ``DeviceTimeout``, a short answer ``ProtocolError``; ``read`` returns the request's tags as BAD
@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -74,25 +74,25 @@ _READERS = {
 }
 
 
-def _fault_key(request: ReadRequest) -> str:
-    return f"unit{request.unit_id}:{request.table}:{request.address}"
-
-
-@dataclass(frozen=True, slots=True)
-class _Step:
-    """One request of a plan, with the client method that sends it and its fault-log key."""
-
-    request: ReadRequest
-    method: str
-    fault_key: str
+def _add_good(
+    samples: dict[str, Sample], tags: Sequence[str], values: Decoded, now: datetime
+) -> None:
+    """Add a GOOD sample of each tag's value to ``samples``, in ``tags`` order."""
+    good = Quality.GOOD
+    for tag, value in zip(tags, values, strict=True):
+        samples[tag] = Sample(tag, value, good, now)
 
 
 @dataclass(frozen=True, slots=True)
 class _ReadPlan:
     """The requests that read a tag tuple; ``in_order``: their tags are that tuple, in order."""
 
-    steps: tuple[_Step, ...]
+    requests: tuple[ReadRequest, ...]
     in_order: bool
+
+
+def _fault_key(request: ReadRequest) -> str:
+    return f"unit{request.unit_id}:{request.table}:{request.address}"
 
 
 class ModbusDriver(DriverBase):
@@ -236,10 +236,8 @@ class ModbusDriver(DriverBase):
             requests = plan_reads(
                 (self._points[t] for t in sorted(set(key))), max_gap=self._max_gap
             )
-            plan = self._plans[key] = _ReadPlan(
-                tuple(_Step(r, _READERS[r.table], _fault_key(r)) for r in requests),
-                in_order=key == tuple(t for r in requests for t in r.tags),
-            )
+            in_order = key == tuple(t for r in requests for t in r.tags)
+            plan = self._plans[key] = _ReadPlan(tuple(requests), in_order)
         return plan
 
     async def read(self, tags: Sequence[str], *, strict: bool = False) -> dict[str, Sample]:
@@ -250,12 +248,12 @@ class ModbusDriver(DriverBase):
         async with self._lock:
             if self._client is None or not self._client.connected:
                 await self._connect_locked()
-            for step in plan.steps:
-                results.append(await self._read_request(step))
+            for request in plan.requests:
+                results.append(await self._read_request(request))
         now = self._clock.now()  # one timestamp for the whole read
         samples: dict[str, Sample] = {}
-        for step, result in zip(plan.steps, results, strict=True):
-            names = step.request.tags
+        for request, result in zip(plan.requests, results, strict=True):
+            names = request.tags
             if isinstance(result, DriverError):
                 if strict:
                     raise result
@@ -263,39 +261,34 @@ class ModbusDriver(DriverBase):
                 for tag in names:
                     samples[tag] = Sample(tag, None, Quality.BAD, now, status=status)
             else:
-                good, at = repeat(Quality.GOOD), repeat(now)
-                samples.update(zip(names, map(Sample, names, result, good, at), strict=True))
+                _add_good(samples, names, result, now)
         return samples if plan.in_order else {t: samples[t] for t in tags}
 
-    async def _read_request(self, step: _Step) -> Decoded | DriverError:
+    async def _read_request(self, request: ReadRequest) -> Decoded | DriverError:
         """One request; per-unit failures are returned, a dead link raises."""
-        request = step.request
+        reader = getattr(self._client, _READERS[request.table])
         try:
-            response = await getattr(self._client, step.method)(
-                request.address, count=request.count, device_id=request.unit_id
-            )
+            response = await reader(request.address, count=request.count, device_id=request.unit_id)
         except (PymodbusError, OSError) as exc:
-            error = self._io_error(f"reading {request.describe()}", exc)
-            self._fault(
-                step.fault_key, "modbus_read_failed", request=request.describe(), error=str(error)
-            )
-            return error
+            return self._read_failed(request, self._io_error(f"reading {request.describe()}", exc))
         try:
             if response.isError():
                 raise ModbusException(
                     self.name, f"reading {request.describe()}", response.exception_code
                 )
-            values = request.values(
-                self.name, response.bits if request.table in BIT_TABLES else response.registers
-            )
+            answer = response.bits if request.table in BIT_TABLES else response.registers
+            values = request.values(self.name, answer)
         except DriverError as error:
-            self._fault(
-                step.fault_key, "modbus_read_failed", request=request.describe(), error=str(error)
-            )
-            return error
-        if step.fault_key in self._faults:
-            self._recover(step.fault_key, "modbus_read_recovered", request=request.describe())
+            return self._read_failed(request, error)
+        if self._faults:  # only then can this request be recovering
+            self._recover(_fault_key(request), "modbus_read_recovered", request=request.describe())
         return values
+
+    def _read_failed(self, request: ReadRequest, error: DriverError) -> DriverError:
+        self._fault(
+            _fault_key(request), "modbus_read_failed", request=request.describe(), error=str(error)
+        )
+        return error
 
     def _io_error(self, doing: str, exc: Exception) -> DeviceTimeout:
         """A silent unit gives ``DeviceTimeout``; a dropped link raises ``DeviceUnavailable``."""

@@ -12,7 +12,9 @@ raw form does not fit the type (``WriteRefused``), before anything is sent.
 
 ``plan_reads`` merges points of the same unit id and table into as few requests as possible:
 a gap of up to ``max_gap`` unused registers (or bits) between points is read along, and one
-request never exceeds 125 registers or 2000 bits (the protocol's limits).
+request never exceeds 125 registers or 2000 bits (the protocol's limits). Each ``ReadRequest``
+builds the decoder of its answer once (``struct`` formats, offsets, scaling), so decoding an
+answer is a few C calls: unscaled big-endian uint16 points take the answer's ints as they are.
 """
 
 from __future__ import annotations
@@ -94,11 +96,13 @@ def raw_to_registers(
 
 
 def _layout(word_order: WordOrder, byte_order: ByteOrder) -> tuple[str, str]:
-    """Byte order (``>`` or ``<``) to pack the words in, then to unpack the value with.
+    """The ``struct`` byte orders to pack the words in, then to unpack the value from them::
 
-    Packing the words little-endian undoes swapped bytes; unpacking the value little-endian
-    undoes reversed words (the value then reads back to front, as the packing left it, so a
-    value with both orders swapped packs big-endian again).
+    words   bytes    pack  unpack
+    big     big      >     >
+    big     little   <     >       little-endian words undo the swapped bytes
+    little  big      <     <       the value then reads back to front
+    little  little   >     <
     """
     reversed_words = word_order is WordOrder.LITTLE
     pack = "<" if (byte_order is ByteOrder.LITTLE) != reversed_words else ">"

@@ -64,16 +64,29 @@ class SimulatedUnit:
         self._limited: set[int] = set()
         self.token = secrets.token_urlsafe(24)
         e = endpoints
-        self.bioreactor = BioreactorServer(self.model, clock, host=e.host, port=e.bioreactor_port,
-                                           faults=self.faults)
-        self.cell_processor = CellProcessorServer(clock, host=e.host, port=e.cell_processor_port,
-                                                  faults=self.cell_processor_faults)
-        self.pumps = PumpServer(clock, pumps=2, tcp=(e.host, e.modbus_port), rtu_link=e.rtu_link,
-                                rtu_baudrate=115200, on_dispense=self._dispensed,
-                                faults=self.pump_faults)
+        self.bioreactor = BioreactorServer(
+            self.model, clock, host=e.host, port=e.bioreactor_port, faults=self.faults
+        )
+        self.cell_processor = CellProcessorServer(
+            clock, host=e.host, port=e.cell_processor_port, faults=self.cell_processor_faults
+        )
+        self.pumps = PumpServer(
+            clock,
+            pumps=2,
+            tcp=(e.host, e.modbus_port),
+            rtu_link=e.rtu_link,
+            rtu_baudrate=115200,
+            on_dispense=self._dispensed,
+            faults=self.pump_faults,
+        )
         self.balance = (
-            BalanceSimulator(clock, link_path=e.balance_link, weight_source=self._bag_weight,
-                             faults=self.balance_faults, seed=seed)
+            BalanceSimulator(
+                clock,
+                link_path=e.balance_link,
+                weight_source=self._bag_weight,
+                faults=self.balance_faults,
+                seed=seed,
+            )
             if e.balance_link
             else None
         )
@@ -108,8 +121,12 @@ class SimulatedUnit:
     # -------------------------------------------------------------- life cycle
     def fault_targets(self) -> dict[str, Any]:
         """The fault dataclasses the control endpoint may change, by name."""
-        return {"bioreactor": self.faults, "pumps": self.pump_faults,
-                "balance": self.balance_faults, "cell_processor": self.cell_processor_faults}
+        return {
+            "bioreactor": self.faults,
+            "pumps": self.pump_faults,
+            "balance": self.balance_faults,
+            "cell_processor": self.cell_processor_faults,
+        }
 
     def actions(self) -> dict[str, Any]:
         """Named actions of the control endpoint (device restart, link loss...)."""
@@ -157,8 +174,9 @@ class SimulatedUnit:
             "time": self.clock.now().isoformat(timespec="seconds"),
             "bioreactor": self.model.true_values(),
             "harvest_bag_ml": self.harvest_bag_ml,
-            "pumps": {u: {"speed": p.speed, "dispensed": p.dispensed}
-                      for u, p in self.pumps.pumps.items()},
+            "pumps": {
+                u: {"speed": p.speed, "dispensed": p.dispensed} for u, p in self.pumps.pumps.items()
+            },
         }
 
     async def start(self) -> None:
@@ -176,9 +194,17 @@ class SimulatedUnit:
         if self.balance:
             await self.balance.start()
         app = control_app(self.token, self.fault_targets(), self.actions(), self.state)
-        self._control = uvicorn.Server(uvicorn.Config(
-            app, host=self.endpoints.host, port=self.endpoints.control_port,
-            log_level="warning", lifespan="off"))
+        self._control = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=self.endpoints.host,
+                port=self.endpoints.control_port,
+                log_level="warning",
+                lifespan="off",
+            )
+        )
+        # `bedside sim` owns SIGTERM/SIGINT; uvicorn must not take them
+        self._control.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         self._control_task = asyncio.create_task(self._control.serve(), name="sim-control")
         while not self._control.started:
             if self._control_task.done():
@@ -203,15 +229,22 @@ class SimulatedUnit:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.stop()
 
     def describe(self) -> dict[str, str]:
         """The endpoints, as printed at start."""
-        out = {"bioreactor": self.bioreactor.endpoint, "cell_processor": self.cell_processor.endpoint,
-               **{f"pumps_{k}": v for k, v in self.pumps.endpoints.items()},
-               "control": f"http://{self.endpoints.host}:{self.endpoints.control_port}"}
+        out = {
+            "bioreactor": self.bioreactor.endpoint,
+            "cell_processor": self.cell_processor.endpoint,
+            **{f"pumps_{k}": v for k, v in self.pumps.endpoints.items()},
+            "control": f"http://{self.endpoints.host}:{self.endpoints.control_port}",
+        }
         if self.balance:
             out["balance"] = self.balance.link_path
         return out

@@ -29,9 +29,7 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     yield
     await asyncio.sleep(0)
     leaked = [
-        t
-        for t in asyncio.all_tasks() - before
-        if not t.done() and t is not asyncio.current_task()
+        t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()
     ]
     if leaked:
         # give cancellations in flight a moment to finish before judging

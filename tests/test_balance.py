@@ -195,7 +195,7 @@ async def test_garbled_reply_raises_protocol_error_then_recovers(
 
 
 async def test_slow_reply_times_out_and_the_line_recovers(tmp_path: Path) -> None:
-    """A reply later than the (wall-clock) timeout raises DeviceTimeout; after the late reply lands, the
+    """A reply later than the (wall-clock) timeout raises DeviceTimeout; after the late reply, the
     next request gets its own answer."""
     clock = ManualClock()
     faults = BalanceFaults(slow_reply_s=1000.0)

@@ -1,4 +1,4 @@
-"""Unit configuration: the shipped example validates; broken files are refused with located errors."""
+"""Unit configuration: the shipped example validates; broken files are refused, located."""
 
 from __future__ import annotations
 
@@ -30,7 +30,13 @@ def problems(text: str) -> list[str]:
 def test_shipped_example_config_validates() -> None:
     """The example configuration of the simulated unit loads, with every device and tag."""
     cfg = load_config(default_config_path())
-    assert set(cfg.devices) == {"bioreactor", "cell_processor", "feed_pump", "harvest_pump", "balance"}
+    assert set(cfg.devices) == {
+        "bioreactor",
+        "cell_processor",
+        "feed_pump",
+        "harvest_pump",
+        "balance",
+    }
     assert cfg.tag("temperature_sp")[1].limits == (20, 40)
 
 
@@ -40,7 +46,9 @@ def test_every_problem_is_reported_at_once_with_line_and_path() -> None:
         "temp: {node_id", "temp: {nodeid"
     )
     found = problems(text)
-    assert any("unit.yaml:7: devices.br.tags.temp_sp.limits" in p and "above high" in p for p in found)
+    assert any(
+        "unit.yaml:7: devices.br.tags.temp_sp.limits" in p and "above high" in p for p in found
+    )
     assert any("devices.br.tags.temp_sp.colour: unknown key 'colour'" in p for p in found)
     assert any("devices.br.tags.temp.nodeid: unknown key" in p for p in found)
 
@@ -48,7 +56,11 @@ def test_every_problem_is_reported_at_once_with_line_and_path() -> None:
 def test_unknown_driver_is_named_with_a_hint() -> None:
     """A misspelt driver names the device and lists the drivers there are."""
     found = problems(GOOD.replace("driver: opcua", "driver: opcuaa"))
-    assert len(found) == 1 and "unit.yaml:4: devices.br" in found[0] and "opcua, modbus, serial" in found[0]
+    assert (
+        len(found) == 1
+        and "unit.yaml:4: devices.br" in found[0]
+        and "opcua, modbus, serial" in found[0]
+    )
 
 
 def test_yaml_syntax_error_names_the_line() -> None:
@@ -59,19 +71,22 @@ def test_yaml_syntax_error_names_the_line() -> None:
 
 def test_duplicate_keys_are_refused() -> None:
     """A key given twice is an error (YAML would silently keep the last one)."""
-    found = problems(GOOD + "      temp: {node_id: \"ns=2;i=8\"}\n")
+    found = problems(GOOD + '      temp: {node_id: "ns=2;i=8"}\n')
     assert any("duplicate key 'temp'" in p for p in found)
 
 
 def test_tag_names_are_unique_across_devices() -> None:
     """The same tag name on two devices is refused."""
-    text = GOOD + """\
+    text = (
+        GOOD
+        + """\
   other:
     driver: opcua
     endpoint: opc.tcp://127.0.0.1:4841
     tags:
       temp: {node_id: "ns=2;i=9"}
 """
+    )
     assert any("declared by devices 'br' and 'other'" in p for p in problems(text))
 
 
@@ -97,8 +112,13 @@ def test_environment_variables_expand_with_defaults(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize(
     ("value", "reason"),
-    [(45.0, "outside its limits"), (19.99, "outside its limits"), (float("nan"), "not a finite"),
-     ("hot", "takes a number"), (True, "takes a number")],
+    [
+        (45.0, "outside its limits"),
+        (19.99, "outside its limits"),
+        (float("nan"), "not a finite"),
+        ("hot", "takes a number"),
+        (True, "takes a number"),
+    ],
 )
 def test_writes_outside_definition_are_refused(value: object, reason: str) -> None:
     """A write out of limits, non-finite or of the wrong type is refused before sending."""

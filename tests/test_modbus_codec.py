@@ -200,6 +200,70 @@ def test_bit_responses_padded_to_bytes_are_accepted() -> None:
     assert decode_response("dev", request, [True] + [False] * 7) == {"run": True}
 
 
+@pytest.mark.parametrize(
+    ("words_order", "bytes_order"), list(itertools.product(WordOrder, ByteOrder))
+)
+def test_request_decoder_matches_decoding_each_point(
+    words_order: WordOrder, bytes_order: ByteOrder
+) -> None:
+    """A planned request decodes every type, scaled or not, gaps and overlaps as decode() does."""
+    points: list[ModbusPoint] = []
+    image = [0] * 200
+    address = 0
+    for i, (type_, scale) in enumerate(itertools.product(SAMPLES, [1.0, 0.5])):
+        p = point(
+            type_,
+            tag=f"t{i}",
+            address=address,
+            word_order=words_order,
+            byte_order=bytes_order,
+            scale=scale,
+            offset=0.0 if scale == 1.0 else 3.0,
+        )
+        image[address : address + type_.words] = encode("dev", p, SAMPLES[type_][-1] * scale)
+        points.append(p)
+        address += type_.words + i % 3  # gaps of 0, 1 and 2 registers
+    points.append(point(ModbusType.INT16, tag="overlap", address=points[0].address))
+    points.append(point(ModbusType.BOOL, tag="flag", address=address))
+    image[address] = 0x0100
+    plan = plan_reads(points, max_gap=1)
+    assert len(plan) > 1  # the gaps of 2 split it
+    decoded: dict[str, object] = {}
+    for request in plan:
+        answer = image[request.address : request.address + request.count]
+        decoded.update(decode_response("dev", request, answer))
+    assert decoded == {
+        p.tag: decode(p, image[p.address : p.address + p.type.words]) for p in points
+    }
+    assert decoded["flag"] is True
+
+
+def test_plain_words_are_the_answers_own() -> None:
+    """Unscaled big-endian uint16 points decode to the answer's ints, adjacent or with gaps."""
+    (adjacent,) = plan_reads([point(tag=f"r{i}", address=i) for i in range(5)])
+    assert decode_response("dev", adjacent, [9, 8, 7, 6, 5]) == {
+        "r0": 9,
+        "r1": 8,
+        "r2": 7,
+        "r3": 6,
+        "r4": 5,
+    }
+    (gapped,) = plan_reads([point(tag="a", address=10), point(tag="b", address=13)])
+    assert decode_response("dev", gapped, [1, 2, 3, 4]) == {"a": 1, "b": 4}
+    (single,) = plan_reads([point(tag="only", address=7)])
+    assert decode_response("dev", single, [65535]) == {"only": 65535}
+
+
+def test_bits_decode_at_their_offsets() -> None:
+    """Coils with gaps between them decode from their own bit of the answer, as bools."""
+    (request,) = plan_reads(
+        [point(ModbusType.BOOL, tag=f"c{a}", table=CO, address=a) for a in (2, 5, 9)]
+    )
+    bits = [True, False, False, True, False, False, False, True] + [False] * 8
+    assert decode_response("dev", request, bits) == {"c2": True, "c5": True, "c9": True}
+    assert decode_response("dev", request, [0] * 8) == {"c2": False, "c5": False, "c9": False}
+
+
 def test_endpoints_parse() -> None:
     """tcp:// and rtu:// endpoints parse, the query overriding the serial keywords."""
     serial = {"baudrate": 19200, "parity": "N", "stopbits": 1, "bytesize": 8}

@@ -146,6 +146,21 @@ async def test_adjacent_tags_share_one_request(drv: ModbusDriver, pumps: PumpSer
     ]
 
 
+async def test_read_returns_real_samples_in_the_callers_order(drv: ModbusDriver) -> None:
+    """Good samples are immutable Samples, keyed in the caller's order, one time per read."""
+    tags = ["p1_speed", "p2_run", "p1_alarms", "p1_speed_sp", "p2_run"]
+    for _ in range(2):  # planned at the first read, from the cache at the second
+        samples = await drv.read(tags)
+        assert list(samples) == ["p1_speed", "p2_run", "p1_alarms", "p1_speed_sp"]
+        assert len({s.agent_time for s in samples.values()}) == 1
+        for tag, sample in samples.items():
+            same = Sample(tag, sample.value, Quality.GOOD, sample.agent_time)
+            assert type(sample) is Sample and sample == same and hash(sample) == hash(same)
+            assert sample.as_dict() == same.as_dict()
+            with pytest.raises(AttributeError):
+                sample.value = 1  # type: ignore[misc]
+
+
 async def test_missing_register_is_illegal_address(drv: ModbusDriver) -> None:
     """A register the device lacks is a BAD sample naming code 2; strict raises it."""
     samples = await drv.read(["p1_missing", "p1_speed"])

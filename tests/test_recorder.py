@@ -35,8 +35,9 @@ def test_on_change_records_moves_beyond_the_deadband_from_the_last_recorded_valu
 def test_quality_change_is_always_recorded() -> None:
     """A change to bad quality is recorded even when the value did not move."""
     rec, got, clock = rig(t=Recording(mode="on_change", deadband=10, interval=600))
-    rec.offer([s(clock, 1.0), s(clock, 1.0, q=Quality.BAD), s(clock, 1.0, q=Quality.BAD),
-               s(clock, 1.0)])
+    rec.offer(
+        [s(clock, 1.0), s(clock, 1.0, q=Quality.BAD), s(clock, 1.0, q=Quality.BAD), s(clock, 1.0)]
+    )
     assert [x.quality for x in got] == [Quality.GOOD, Quality.BAD, Quality.GOOD]
 
 

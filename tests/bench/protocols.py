@@ -52,18 +52,28 @@ async def opcua(seconds: float) -> dict[str, float]:
         while not stop.is_set():
             v += 1.0
             for node in nodes:
-                await server.write_attribute_value(node.nodeid, ua.DataValue(ua.Variant(v, ua.VariantType.Double)))
+                await server.write_attribute_value(
+                    node.nodeid, ua.DataValue(ua.Variant(v, ua.VariantType.Double))
+                )
             await asyncio.sleep(0)
 
     try:
         async with Client(url) as client:
             cnodes = [client.get_node(n.nodeid) for n in nodes]
-            out["opcua_raw_values_per_s"] = N_NODES * await _rate(lambda: client.read_values(cnodes), seconds)
-        points = [OpcUaPoint(f"v{i}", node_id=n.nodeid.to_string(), sampling_interval_ms=0)
-                  for i, n in enumerate(nodes)]
+            out["opcua_raw_values_per_s"] = N_NODES * await _rate(
+                lambda: client.read_values(cnodes), seconds
+            )
+        points = [
+            OpcUaPoint(f"v{i}", node_id=n.nodeid.to_string(), sampling_interval_ms=0)
+            for i, n in enumerate(nodes)
+        ]
         tags = [p.tag for p in points]
-        async with OpcUaDriver("bench", url, points, clock=SystemClock(), publishing_interval_ms=20) as drv:
-            out["opcua_driver_values_per_s"] = N_NODES * await _rate(lambda: drv.read(tags), seconds)
+        async with OpcUaDriver(
+            "bench", url, points, clock=SystemClock(), publishing_interval_ms=20
+        ) as drv:
+            out["opcua_driver_values_per_s"] = N_NODES * await _rate(
+                lambda: drv.read(tags), seconds
+            )
 
         churner = asyncio.create_task(churn())
         try:
@@ -77,13 +87,17 @@ async def opcua(seconds: float) -> dict[str, float]:
 
             async with Client(url) as client:
                 sub = await client.create_subscription(20, Handler())
-                await sub.subscribe_data_change([client.get_node(n.nodeid) for n in nodes], sampling_interval=0)
+                await sub.subscribe_data_change(
+                    [client.get_node(n.nodeid) for n in nodes], sampling_interval=0
+                )
                 await asyncio.sleep(0.5)
                 count, t0 = 0, time.perf_counter()
                 await asyncio.sleep(seconds)
                 out["opcua_raw_notifications_per_s"] = count / (time.perf_counter() - t0)
                 await sub.delete()
-            async with OpcUaDriver("bench", url, points, clock=SystemClock(), publishing_interval_ms=20) as drv:
+            async with OpcUaDriver(
+                "bench", url, points, clock=SystemClock(), publishing_interval_ms=20
+            ) as drv:
                 stream = drv.observe(tags)
                 got, t0, warm = 0, 0.0, True
                 start = time.perf_counter()
@@ -120,13 +134,20 @@ async def modbus(seconds: float) -> dict[str, float]:
         client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0)
         await client.connect()
         out["modbus_raw_registers_per_s"] = N_NODES * await _rate(
-            lambda: client.read_holding_registers(0, count=N_NODES, device_id=1), seconds)
+            lambda: client.read_holding_registers(0, count=N_NODES, device_id=1), seconds
+        )
         client.close()
-        points = [ModbusPoint(f"r{i}", ModbusTable.HOLDING_REGISTER, i, ModbusType.UINT16)
-                  for i in range(N_NODES)]
+        points = [
+            ModbusPoint(f"r{i}", ModbusTable.HOLDING_REGISTER, i, ModbusType.UINT16)
+            for i in range(N_NODES)
+        ]
         tags = [p.tag for p in points]
-        async with ModbusDriver("bench", f"tcp://127.0.0.1:{port}", points, clock=SystemClock()) as drv:
-            out["modbus_driver_registers_per_s"] = N_NODES * await _rate(lambda: drv.read(tags), seconds)
+        async with ModbusDriver(
+            "bench", f"tcp://127.0.0.1:{port}", points, clock=SystemClock()
+        ) as drv:
+            out["modbus_driver_registers_per_s"] = N_NODES * await _rate(
+                lambda: drv.read(tags), seconds
+            )
     finally:
         await server.shutdown()
     return out
