@@ -52,13 +52,14 @@ def _main(
 
 
 def _register() -> None:
-    from agent import cli_agent, cli_demo, cli_devices, cli_sim
+    from agent import cli_agent, cli_demo, cli_devices, cli_sim, cli_users
 
     app.command("demo", help=cli_demo.demo.__doc__)(cli_demo.demo)
     app.add_typer(cli_devices.app, name="devices")
     app.command("sim", help=cli_sim.serve.__doc__)(cli_sim.serve)
     app.add_typer(cli_sim.fault_app, name="sim-fault")
     app.add_typer(cli_agent.keys_app, name="keys")
+    app.add_typer(cli_users.app, name="users")
     app.add_typer(cli_agent.agent_app, name="agent")
     app.add_typer(cli_agent.cs_app, name="control-site")
     app.command("verify", help=cli_agent.verify.__doc__)(cli_agent.verify)
