@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test test-slow demo lint bench clean
+.PHONY: test test-slow demo lint bench clean postgres
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,12 +12,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,postgres,interop]'
 	@touch $(STAMP)
 
+## postgres: PostgreSQL for the tests, installed with apt only if neither a server on
+## 127.0.0.1:5432 nor initdb exists (never fails: without it those tests are skipped)
+postgres:
+	@PY=$(PY) sh tools/ensure-postgres.sh
+
 ## test: the whole suite (unit and system tests; slow campaigns excluded)
-test: $(STAMP)
+test: $(STAMP) postgres
 	$(BIN)/python -m pytest -q
 
 ## test-slow: the long campaigns (marked slow)
-test-slow: $(STAMP)
+test-slow: $(STAMP) postgres
 	$(BIN)/python -m pytest -q -m slow
 
 ## demo: simulators, agent and control site on embedded defaults, accelerated time

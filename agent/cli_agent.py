@@ -94,11 +94,23 @@ def agent_run(
     speed: float = typer.Option(
         1.0, "--speed", help="clock speed (simulated seconds per wall second)"
     ),
+    retention_days: float = typer.Option(
+        30.0, "--retention-days", help="prune acknowledged records older than this many days"
+    ),
+    low_disk_mib: float = typer.Option(
+        256.0, "--low-disk-mib", help="raise the low_disk alarm below this much free space"
+    ),
 ) -> None:
-    """Run the agent: record every configured tag into the journal and forward it."""
-    from agent.service import AgentService, AgentSettings
+    """Run the agent: record every configured tag into the journal and forward it.
+    SIGTERM or Ctrl-C stops it cleanly (journal flushed, signed and closed; exit 0)."""
+    from agent.records import JournalError
+    from agent.service import AgentService, AgentSettings, run_until_signalled
     from drivers.clock import ScaledClock, SystemClock
 
+    if not speed > 0:
+        fail(f"--speed must be positive, not {speed}")
+    if not retention_days > 0:
+        fail(f"--retention-days must be positive, not {retention_days}")
     try:
         cfg = load_config(config or default_config_path())
     except DocumentError as exc:
@@ -116,11 +128,13 @@ def agent_run(
             control_site_url=control_site,
             control_site_ca=ca,
             api_port=api_port,
+            retention_seconds=retention_days * 86400.0,
+            low_disk_bytes=int(low_disk_mib * 2**20),
         ),
     )
     try:
-        run_async(service.run())
-    except OSError as exc:
+        run_async(run_until_signalled(service))
+    except (OSError, JournalError) as exc:
         fail(str(exc))
 
 

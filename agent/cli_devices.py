@@ -11,7 +11,7 @@ import typer
 
 from agent.cli import fail, run_async
 from agent.config import UnitConfig, load_config
-from agent.devices import DeviceHub
+from agent.devices import DeviceHub, check_write
 from agent.yamlsource import DocumentError
 from drivers.base import Value
 from drivers.clock import SystemClock
@@ -93,11 +93,14 @@ def write(config: Path, tag: str, value: str) -> None:
     cfg = _load(config)
     _select(cfg, [tag])
     dev, definition = cfg.tag(tag)
-    parsed = parse_value(value)
+    try:  # refuse a bad value before connecting: nothing reaches the device, up or down
+        checked = check_write(dev, tag, definition, parse_value(value))
+    except DriverError as exc:
+        fail(str(exc))
 
     async def go() -> None:
         async with DeviceHub(cfg, SystemClock(), [dev]) as hub:
-            sent = await hub.write(tag, parsed)
+            sent = await hub.write(tag, checked)
             back = (await hub.read([tag]))[tag]
         emit(
             {

@@ -282,11 +282,15 @@ class Journal:
     async def _tick(self) -> None:
         """Flush samples every ``sample_batch_seconds``; checkpoint every ``checkpoint_seconds``."""
         writer = self._writer
+        sealing: Future[Any] | None = None
         while writer is not None:
             await self._clock.sleep(self._batch_seconds)
             self._submit_buffer()
-            if self._clock.monotonic() - writer.last_checkpoint_at >= self._checkpoint_seconds:
-                self._submit("seal", "periodic")
+            due = self._clock.monotonic() - writer.last_checkpoint_at >= self._checkpoint_seconds
+            # one periodic seal at a time: while the writer is behind (a slow disk, a fast
+            # clock) its checkpoint time is old, and every tick would queue one more
+            if due and (sealing is None or sealing.done()):
+                sealing = self._submit("seal", "periodic")
 
     # --- the API -----------------------------------------------------------------------------
 

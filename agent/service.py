@@ -1,14 +1,27 @@
 """The on-site agent service: devices -> recorder -> journal -> uplink, with a local status API.
 
-One ``asyncio.TaskGroup`` owns every task; cancelling the service (SIGTERM) flushes the journal
-and closes the devices. Device faults are reported as bad samples and recorded; a device that
-is down at start is retried, it does not stop the agent.
+::
+
+    service = AgentService(config, clock, AgentSettings(state_dir=Path(".bedside")))
+    await run_until_signalled(service)     # `bedside agent run`: SIGTERM/SIGINT stop it cleanly
+
+One ``asyncio.TaskGroup`` owns every task: recording, the one-second tick (heartbeats, disk
+check), pruning, the uplink and the local API. Cancelling the service (SIGTERM) journals
+``agent_stopped``, closes the devices and closes the journal, which flushes the buffered samples
+and signs a final checkpoint. Device faults are reported as bad samples and recorded; a device
+that is down at start is retried, it does not stop the agent.
+
+Disk: when free space on the journal's file system falls below ``low_disk_bytes`` the agent
+journals a ``low_disk`` alarm and keeps recording; ``AgentService.low_disk`` tells the engine
+to refuse new runs. Retention: acknowledged records older than ``retention_seconds`` are pruned
+every ``prune_interval``; records the control site has not acknowledged are never deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +37,9 @@ from starlette.routing import Route
 from agent.config import UnitConfig
 from agent.devices import DeviceHub
 from agent.journal import Journal
-from agent.keys import load_unit_key
+from agent.keys import UnitKey, load_unit_key
 from agent.recorder import Recorder
-from agent.records import Kind
+from agent.records import JournalError, Kind
 from agent.uplink import Uplink
 from drivers.clock import Clock
 
@@ -45,6 +58,8 @@ class AgentSettings:
     low_disk_bytes: int = 256 * 2**20
     checkpoint_every: int = 1000
     checkpoint_seconds: float = 60.0
+    retention_seconds: float = 30 * 86400.0  # acknowledged records older than this are pruned
+    prune_interval: float = 3600.0
 
 
 class AgentService:
@@ -58,8 +73,15 @@ class AgentService:
         self.uplink: Uplink | None = None
         self.hub: DeviceHub | None = None
         self.recorder: Recorder | None = None
-        self.low_disk = False
+        self._low_disk = False
+        self._alarm_journaled = False  # the state of the low_disk alarm last journaled
         self.ready = asyncio.Event()
+
+    @property
+    def low_disk(self) -> bool:
+        """Whether the journal's disk is below ``low_disk_bytes`` free (checked every second):
+        the engine refuses to start runs while it is."""
+        return self._low_disk
 
     def status(self) -> dict[str, Any]:
         """What ``bedside status`` shows: journal, uplink, devices, disk."""
@@ -108,24 +130,63 @@ class AgentService:
         while True:
             await self.clock.sleep(1.0)
             recorder.tick()
-            low = journal.low_disk
-            if low != self.low_disk:
-                self.low_disk = low
-                free = journal.disk_free()
-                await journal.append(
-                    Kind.ALARM,
-                    {
-                        "alarm": "low_disk",
-                        "state": "active" if low else "returned",
-                        "priority": "high",
-                        "free_bytes": free,
-                        "message": f"{free / 2**20:.0f} MiB free on the journal's disk; "
-                        "runs are refused until space is freed"
-                        if low
-                        else "disk space recovered",
-                    },
-                )
-                log.warning("low_disk", free_bytes=free) if low else log.info("disk_recovered")
+            await self._check_disk(journal)
+
+    async def _check_disk(self, journal: Journal) -> None:
+        """Journal a ``low_disk`` alarm when free space falls below the threshold, and its
+        return when it recovers; keep recording either way (an alarm that cannot be journaled,
+        the disk being full, is tried again at the next check)."""
+        try:
+            free = journal.disk_free()
+        except OSError as exc:  # the folder vanished under us: the journal's writes will say
+            log.debug("disk_check_failed", error=str(exc))
+            return
+        threshold = self.settings.low_disk_bytes
+        low = free < threshold
+        if low != self._low_disk:
+            self._low_disk = low
+            if low:
+                log.warning("low_disk", free_bytes=free, threshold_bytes=threshold)
+            else:
+                log.info("disk_recovered", free_bytes=free)
+        if low == self._alarm_journaled:
+            return
+        mib = free / 2**20
+        message = (
+            f"{mib:.0f} MiB free on the journal's disk, below {threshold / 2**20:.0f} MiB; "
+            "recording continues, new runs are refused until space is freed"
+            if low
+            else f"disk space recovered: {mib:.0f} MiB free"
+        )
+        body = {
+            "alarm": "low_disk",
+            "state": "active" if low else "returned",
+            "priority": "high",
+            "free_bytes": free,
+            "threshold_bytes": min(threshold, 2**53 - 1),
+            "message": message,
+        }
+        try:
+            await journal.append(Kind.ALARM, body)
+        except JournalError as exc:
+            log.error("low_disk_alarm_not_journaled", error=str(exc))
+            return
+        self._alarm_journaled = low
+
+    async def _prune(self, journal: Journal) -> None:
+        """Prune acknowledged records past the retention now and every ``prune_interval``."""
+        failing = False
+        while True:
+            try:
+                await journal.prune(self.settings.retention_seconds)
+            except JournalError as exc:  # e.g. disk full: retried at the next interval
+                (log.debug if failing else log.error)("journal_prune_failed", error=str(exc))
+                failing = True
+            else:
+                if failing:
+                    log.info("journal_prune_recovered")
+                failing = False
+            await self.clock.sleep(self.settings.prune_interval)
 
     def _bind_api(self) -> socket.socket:
         """Bind the local API's socket first, so a busy port is a clear error, not an exit."""
@@ -145,16 +206,30 @@ class AgentService:
         server = uvicorn.Server(uvicorn.Config(self._api(), log_level="warning", lifespan="off"))
         # the service owns SIGTERM/SIGINT (it flushes the journal); uvicorn must not take them
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="api-server")
         try:
-            await server.serve(sockets=[sock])
+            await asyncio.shield(serving)
         finally:
-            sock.close()
+            # cancelled: let uvicorn close its listener and connections (about 0.2 s) rather
+            # than abandon them half-open
+            server.should_exit = True
+            try:
+                await serving
+            finally:
+                sock.close()
 
     async def run(self) -> None:
         """Run until cancelled."""
         s = self.settings
         key = load_unit_key(s.state_dir)
         sock = self._bind_api()
+        try:
+            await self._run(key, sock)
+        finally:
+            sock.close()  # already closed when the API ran; not leaked when it never did
+
+    async def _run(self, key: UnitKey, sock: socket.socket) -> None:
+        s = self.settings
         structlog.contextvars.bind_contextvars(unit=self.config.unit.id)
         async with Journal.open(
             s.state_dir / "journal.db",
@@ -167,33 +242,62 @@ class AgentService:
         ) as journal:
             self.journal = journal
             hub = DeviceHub(self.config, self.clock)
-            await hub.connect(required=False)
-            self.hub = hub
-            recorder = Recorder(
-                {t: self.config.tag(t)[1].record for t in self.config.all_tags()},
-                journal.record_samples,
-                self.clock,
-            )
-            self.recorder = recorder
-            await journal.append(
-                Kind.EVENT, {"event": "agent_started", "devices": sorted(self.config.devices)}
-            )
             try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._record(hub, recorder), name="record")
-                    tg.create_task(self._tick(recorder, journal), name="tick")
-                    tg.create_task(self._serve_api(sock), name="api")
-                    if s.control_site_url:
-                        self.uplink = Uplink(
-                            journal,
-                            s.control_site_url,
-                            unit_key=key,
-                            clock=self.clock,
-                            verify=s.control_site_ca or True,
-                        )
-                        tg.create_task(self.uplink.run(), name="uplink")
-                    self.ready.set()
+                await hub.connect(required=False)
+                self.hub = hub
+                recorder = Recorder(
+                    {t: self.config.tag(t)[1].record for t in self.config.all_tags()},
+                    journal.record_samples,
+                    self.clock,
+                )
+                self.recorder = recorder
+                await journal.append(
+                    Kind.EVENT, {"event": "agent_started", "devices": sorted(self.config.devices)}
+                )
+                await self._check_disk(journal)
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._record(hub, recorder), name="record")
+                        tg.create_task(self._tick(recorder, journal), name="tick")
+                        tg.create_task(self._prune(journal), name="prune")
+                        tg.create_task(self._serve_api(sock), name="api")
+                        if s.control_site_url:
+                            self.uplink = Uplink(
+                                journal,
+                                s.control_site_url,
+                                unit_key=key,
+                                clock=self.clock,
+                                verify=s.control_site_ca or True,
+                            )
+                            tg.create_task(self.uplink.run(), name="uplink")
+                        self.ready.set()
+                finally:
+                    with contextlib.suppress(JournalError):
+                        await journal.append(Kind.EVENT, {"event": "agent_stopped"})
             finally:
-                with contextlib.suppress(Exception):
-                    await journal.append(Kind.EVENT, {"event": "agent_stopped"})
                 await hub.close()
+
+
+async def run_until_signalled(service: AgentService) -> None:
+    """Run ``service`` until SIGTERM or SIGINT, then stop it cleanly (the journal flushed,
+    signed and closed) and return; an error of the service is raised."""
+    loop = asyncio.get_running_loop()
+    runner = asyncio.create_task(service.run(), name="agent")
+    stopping: list[str] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not stopping:  # a second signal must not interrupt the journal's close
+            stopping.append(sig.name)
+            log.info("agent_stopping", signal=sig.name)
+            runner.cancel()
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        await asyncio.wait([runner])
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    if not (runner.cancelled() and stopping):
+        runner.result()

@@ -30,7 +30,7 @@ import base64
 import binascii
 import hashlib
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -291,17 +291,49 @@ class Ingestor:
 
 
 def latest_values(records: Sequence[Record]) -> list[Latest]:
-    """The last sample of each tag in the ``samples`` records, in record order."""
+    """The last sample of each tag in the ``samples`` records.
+
+    Records are read newest first and only the last sample of each tag not yet found is
+    decoded: a drained backlog of 100,000 samples decodes a few dozen, not all of them."""
     latest: dict[str, Latest] = {}
-    for record in records:
+    for record in reversed(records):
         if record.kind is not Kind.SAMPLES:
             continue
         try:
-            samples = decode_samples(record.body)
+            samples = decode_samples(_last_of_each_tag(record.body, latest))
         except (RecordFormatError, KeyError, IndexError, TypeError, ValueError) as exc:
             # authentic (chained, stored) but not a samples body we can read: keep the record
             log.warning("samples_body_unreadable", unit=record.unit, seq=record.seq, error=str(exc))
             continue
         for s in samples:
-            latest[s["tag"]] = Latest(s["tag"], s["v"], s["q"], s["t"] or s["at"], record.seq)
+            latest.setdefault(
+                s["tag"], Latest(s["tag"], s["v"], s["q"], s["t"] or s["at"], record.seq)
+            )
     return list(latest.values())
+
+
+def _last_of_each_tag(body: Mapping[str, Any], found: Mapping[str, Latest]) -> dict[str, Any]:
+    """A samples body holding only the last sample of each tag of ``body`` not in ``found``."""
+    tags, idx = body["tags"], body["i"]
+    n = len(idx)
+    if any(len(body[c]) != n for c in ("at", "st", "v", "q")):
+        raise RecordFormatError("samples body columns i, at, st, v, q differ in length")
+    wanted = {k for k, tag in enumerate(tags) if tag not in found}
+    picks: list[int] = []
+    for k in range(n - 1, -1, -1):
+        if not wanted:
+            break
+        if idx[k] in wanted:
+            wanted.discard(idx[k])
+            picks.append(k)
+    picks.reverse()
+    notes = {int(k): text for k, text in body.get("why", [])}
+    sub: dict[str, Any] = {
+        "fmt": body.get("fmt"),
+        "t0": body["t0"],
+        "tags": tags,
+        **{c: [body[c][k] for k in picks] for c in ("i", "at", "st", "v")},
+        "q": "".join(body["q"][k] for k in picks),
+    }
+    sub["why"] = [[j, notes[k]] for j, k in enumerate(picks) if k in notes]
+    return sub

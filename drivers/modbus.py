@@ -15,8 +15,8 @@ one failing unit id on a bus does not discard the others:
 
 Timing: each request waits ``timeout`` wall-clock seconds and is sent ``retries`` more times on
 silence (worst case ``timeout · (1 + retries)``); pymodbus's own reconnect is disabled and the
-driver reconnects with ``RetryPolicy`` backoff on the injected clock. One lock serializes every
-request on the connection (RTU is a shared bus; a TCP gateway often is one too).
+driver reconnects with ``RetryPolicy`` backoff on the injected clock. The connection and the
+lock that serializes every request on it are ``drivers.modbus_link.ModbusLink``'s.
 
 ``observe`` polls every ``poll_interval`` seconds of the injected clock and yields a tag's
 sample when its value, quality or status changes, plus every tag at least every ``heartbeat``
@@ -33,17 +33,14 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import structlog
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException as PymodbusError
 
 from drivers.base import DriverBase, Quality, Sample, Value
-from drivers.clock import Clock
+from drivers.clock import Clock, poll_pause
 from drivers.errors import (
     ConfigurationError,
-    DeviceTimeout,
     DeviceUnavailable,
     DriverError,
     ModbusException,
@@ -54,13 +51,13 @@ from drivers.modbus_codec import (
     WRITABLE_TABLES,
     Decoded,
     ReadRequest,
-    TcpEndpoint,
     encode,
     parse_endpoint,
     plan_reads,
     to_raw,
     validate_point,
 )
+from drivers.modbus_link import Client, FaultLog, ModbusLink
 from drivers.points import ModbusPoint, ModbusTable, RetryPolicy
 
 log = structlog.get_logger(__name__)
@@ -133,94 +130,34 @@ class ModbusDriver(DriverBase):
                 f"{retries}, max_gap {max_gap} and heartbeat {heartbeat} must be ≥ 0",
             )
         self._clock = clock
-        self._timeout = timeout
-        self._retries = retries
         self._poll_interval = poll_interval
         self._retry = retry
         self._max_gap = max_gap
         self._heartbeat = heartbeat
-        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
-        self._lock = asyncio.Lock()
         self._plans: dict[tuple[str, ...], _ReadPlan] = {}
         self._closed = asyncio.Event()
-        self._faults: set[str] = set()
         self._log = log.bind(device=name)
+        self._faults = FaultLog(self._log)
+        self._link = ModbusLink(
+            name, self.endpoint, timeout=timeout, retries=retries, faults=self._faults
+        )
 
     # -- connection ---------------------------------------------------------------------
     @property
     def connected(self) -> bool:
         """Whether the connection is up right now."""
-        return self._client is not None and self._client.connected
+        return self._link.connected
 
     async def connect(self) -> None:
         """Open the connection; ``DeviceUnavailable`` when the device cannot be reached."""
         self._closed.clear()
-        async with self._lock:
-            await self._connect_locked()
-
-    async def _connect_locked(self) -> None:
-        if self.connected:
-            return
-        if self._client is not None:  # it dropped since the last request: reconnect now
-            self._fault("link", "modbus_link_lost", error="connection closed by the peer")
-        self._drop_client()
-        ep = self.endpoint
-        client: AsyncModbusTcpClient | AsyncModbusSerialClient
-        # reconnect_delay=0: no pymodbus reconnect task; the driver owns reconnection
-        if isinstance(ep, TcpEndpoint):
-            client = AsyncModbusTcpClient(
-                ep.host,
-                port=ep.port,
-                timeout=self._timeout,
-                retries=self._retries,
-                reconnect_delay=0,
-                name=self.name,
-            )
-            where = f"{ep.host}:{ep.port}"
-        else:
-            client = AsyncModbusSerialClient(
-                ep.path,
-                baudrate=ep.baudrate,
-                parity=ep.parity,
-                stopbits=ep.stopbits,
-                bytesize=ep.bytesize,
-                timeout=self._timeout,
-                retries=self._retries,
-                reconnect_delay=0,
-                name=self.name,
-            )
-            where = ep.path
-        if not await client.connect():
-            client.close()
-            self._fault("link", "modbus_connect_failed", endpoint=where)
-            raise DeviceUnavailable(self.name, f"cannot connect to {where}")
-        self._client = client
-        self._recover("link", "modbus_connected", endpoint=where)
-
-    def _drop_client(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        async with self._link.lock:
+            await self._link.ensure()
 
     async def close(self) -> None:
         """Close the connection and end ``observe`` streams; safe to call twice."""
         self._closed.set()
-        self._drop_client()
-
-    # -- logging of repeating faults: error once, debug while it lasts, info on recovery ----
-    def _fault(self, key: str, event: str, **kw: Any) -> None:
-        if key in self._faults:
-            self._log.debug(event, **kw)
-        else:
-            self._faults.add(key)
-            self._log.error(event, **kw)
-
-    def _recover(self, key: str, event: str, **kw: Any) -> None:
-        if key in self._faults:
-            self._faults.discard(key)
-            self._log.info(event, recovered=True, **kw)
-        elif key == "link":
-            self._log.info(event, **kw)
+        self._link.drop()
 
     # -- reading ------------------------------------------------------------------------
     def _plan(self, tags: Sequence[str]) -> _ReadPlan:
@@ -245,11 +182,10 @@ class ModbusDriver(DriverBase):
         raised instead); ``DeviceUnavailable`` when the connection is down."""
         plan = self._plan(tags)
         results: list[Decoded | DriverError] = []
-        async with self._lock:
-            if self._client is None or not self._client.connected:
-                await self._connect_locked()
+        async with self._link.lock:
+            client = await self._link.ensure()
             for request in plan.requests:
-                results.append(await self._read_request(request))
+                results.append(await self._read_request(client, request))
         now = self._clock.now()  # one timestamp for the whole read
         samples: dict[str, Sample] = {}
         for request, result in zip(plan.requests, results, strict=True):
@@ -264,13 +200,14 @@ class ModbusDriver(DriverBase):
                 _add_good(samples, names, result, now)
         return samples if plan.in_order else {t: samples[t] for t in tags}
 
-    async def _read_request(self, request: ReadRequest) -> Decoded | DriverError:
+    async def _read_request(self, client: Client, request: ReadRequest) -> Decoded | DriverError:
         """One request; per-unit failures are returned, a dead link raises."""
-        reader = getattr(self._client, _READERS[request.table])
+        reader = getattr(client, _READERS[request.table])
         try:
             response = await reader(request.address, count=request.count, device_id=request.unit_id)
         except (PymodbusError, OSError) as exc:
-            return self._read_failed(request, self._io_error(f"reading {request.describe()}", exc))
+            error = self._link.io_error(f"reading {request.describe()}", exc)
+            return self._read_failed(request, error)
         try:
             if response.isError():
                 raise ModbusException(
@@ -281,26 +218,15 @@ class ModbusDriver(DriverBase):
         except DriverError as error:
             return self._read_failed(request, error)
         if self._faults:  # only then can this request be recovering
-            self._recover(_fault_key(request), "modbus_read_recovered", request=request.describe())
+            self._faults.recover(
+                _fault_key(request), "modbus_read_recovered", request=request.describe()
+            )
         return values
 
     def _read_failed(self, request: ReadRequest, error: DriverError) -> DriverError:
-        self._fault(
+        self._faults.fault(
             _fault_key(request), "modbus_read_failed", request=request.describe(), error=str(error)
         )
-        return error
-
-    def _io_error(self, doing: str, exc: Exception) -> DeviceTimeout:
-        """A silent unit gives ``DeviceTimeout``; a dropped link raises ``DeviceUnavailable``."""
-        if not self.connected:
-            self._drop_client()
-            self._fault("link", "modbus_link_lost", error=str(exc))
-            raise DeviceUnavailable(self.name, f"connection lost {doing}") from exc
-        attempts = 1 + self._retries
-        error = DeviceTimeout(
-            self.name, f"no answer {doing} within {self._timeout} s × {attempts} attempts"
-        )
-        error.__cause__ = exc
         return error
 
     # -- writing ------------------------------------------------------------------------
@@ -322,14 +248,14 @@ class ModbusDriver(DriverBase):
             method, payload = (
                 ("write_register", words[0]) if len(words) == 1 else ("write_registers", words)
             )
-        async with self._lock:
-            await self._connect_locked()
+        async with self._link.lock:
+            client = await self._link.ensure()
             try:
-                response = await getattr(self._client, method)(
+                response = await getattr(client, method)(
                     point.address, payload, device_id=point.unit_id
                 )
             except (PymodbusError, OSError) as exc:
-                raise self._io_error(doing, exc) from exc
+                raise self._link.io_error(doing, exc) from exc
         if response.isError():
             raise ModbusException(self.name, doing, response.exception_code)
         self._log.info("modbus_written", tag=tag, value=value, address=point.address)
@@ -386,7 +312,7 @@ class ModbusDriver(DriverBase):
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep on the injected clock, waking early when the driver closes."""
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        sleeper = asyncio.ensure_future(poll_pause(self._clock, seconds))
         closer = asyncio.ensure_future(self._closed.wait())
         try:
             await asyncio.wait({sleeper, closer}, return_when=asyncio.FIRST_COMPLETED)

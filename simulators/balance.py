@@ -26,7 +26,6 @@ load - zero offset - tare.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import random
@@ -34,20 +33,15 @@ import tty
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Self
 
 import structlog
 
+from drivers.clock import Clock
+from simulators.ptylink import link_to, unlink_if_ours
+
 _UNITS_IN_GRAMS = {"g": 1.0, "kg": 1000.0, "mg": 0.001}
 _COMMANDS = ("I0", "I2", "I4", "S", "SI", "Z", "T", "TA", "@")
-
-
-class _Clock(Protocol):
-    """What the simulator needs of the injected clock."""
-
-    def monotonic(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
 
 
 @dataclass
@@ -85,7 +79,7 @@ class BalanceSimulator:
 
     def __init__(
         self,
-        clock: _Clock,
+        clock: Clock,
         *,
         link_path: str,
         weight_source: Callable[[], float] | None = None,
@@ -183,11 +177,7 @@ class BalanceSimulator:
         # the simulator keeps the slave open too, so the master never reads EIO while no
         # driver has the port open
         self._master, self._slave, self._slave_name = master, slave, os.ttyname(slave)
-        temporary = f"{self.link_path}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        os.symlink(self._slave_name, temporary)
-        os.replace(temporary, self.link_path)  # atomic: the path never points nowhere
+        link_to(self.link_path, self._slave_name)  # atomic: it never points nowhere
         asyncio.get_running_loop().add_reader(master, self._on_readable)
 
     def _close_pty(self) -> None:
@@ -197,9 +187,7 @@ class BalanceSimulator:
             asyncio.get_running_loop().remove_reader(master)
             os.close(master)
         if slave is not None:
-            with contextlib.suppress(OSError):
-                if os.readlink(self.link_path) == name:
-                    os.unlink(self.link_path)
+            unlink_if_ours(self.link_path, name)
             os.close(slave)
         self._buffer.clear()
         while not self._queue.empty():

@@ -1,22 +1,8 @@
 """The simulated bioreactor as an OPC UA server (asyncua), shaped after LADS (OPC 30500).
 
-Address space (namespace ``urn:bedside:simulator:bioreactor``, index 2 on a fresh server; every
-browse name below is ``2:Name`` except the standard ``0:EURange``/``0:EngineeringUnits``)::
-
-    Objects/DeviceSet/Bioreactor
-        Identification {Manufacturer, Model, SerialNumber, SoftwareRevision}
-        FunctionalUnitSet/Cultivation/FunctionSet
-            <sensor function>/SensorValue                Double, read-only
-            <controller function>/CurrentValue           Double, read-only
-            <controller function>/TargetValue            Double, read/write, range-checked
-            <controller function>/ControlFunctionState   {CurrentState: String "Running" or
-                                                          "Stopped", IsRunning: Boolean,
-                                                          Start(), Stop()}
-
-Sensor functions: DissolvedOxygen, pH, ViableCellDensity, Viability, Glucose, Lactate, Volume,
-HeaterPower. Controller functions: Temperature, Rocking, Perfusion, CO2. Every value variable is
-an ``AnalogUnitRangeType`` with ``EURange`` and ``EngineeringUnits`` properties; NodeIds are
-strings, e.g. ``ns=2;s=Bioreactor.Cultivation.Temperature.TargetValue`` (see ``node_id``).
+The address space (``simulators.bioreactor_space``) has a sensor function per measured value
+(``<function>/SensorValue``) and four control functions (Temperature, Rocking, Perfusion, CO2)
+with ``CurrentValue``, a writable ``TargetValue`` and ``ControlFunctionState`` Start/Stop.
 
 A TargetValue write outside the EURange is refused with BadOutOfRange (asyncua answers a
 refusing attribute setter with a service fault, so a batched write stops at that item); a value
@@ -34,10 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import structlog
-from asyncua import Node, Server, ua
+from asyncua import Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 from asyncua.common.utils import ServiceError
 from asyncua.crypto.uacrypto import load_certificate
@@ -46,104 +32,41 @@ from asyncua.server.address_space import NodeData
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from drivers.clock import Clock
 from simulators.bioreactor_model import BioreactorModel
+from simulators.bioreactor_space import (
+    CONTROLLER_FUNCTIONS,
+    NAMESPACE_URI,
+    SENSOR_FUNCTIONS,
+    ControllerFunction,
+    build_address_space,
+    current,
+    node_id,
+    running,
+    state_text,
+    target,
+    variable_id,
+)
 from simulators.faults import FaultState
+from simulators.opcua_sessions import close_lingering_sessions, stop_server
 
-NAMESPACE_URI = "urn:bedside:simulator:bioreactor"
 APPLICATION_URI = "urn:bedside:simulator:bioreactor:server"  # must differ from NAMESPACE_URI
 ENDPOINT_PATH = "/bedside/bioreactor"
-_PREFIX = "Bioreactor.Cultivation"
-_UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
-
-
-class Clock(Protocol):
-    """What the server needs of time (``drivers.clock`` clocks fit; no import of drivers)."""
-
-    @property
-    def speed(self) -> float: ...
-
-    def now(self) -> datetime: ...
-
-    def monotonic(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Unit:
-    """An engineering unit: UNECE common code ("" when it has none), symbol, description."""
-
-    code: str
-    symbol: str
-    description: str
-
-    def information(self) -> ua.EUInformation:
-        unit_id = -1
-        if self.code:
-            unit_id = 0
-            for char in self.code:
-                unit_id = (unit_id << 8) | ord(char)
-        return ua.EUInformation(
-            NamespaceUri=_UNECE,
-            UnitId=unit_id,
-            DisplayName=ua.LocalizedText(self.symbol),
-            Description=ua.LocalizedText(self.description),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class SensorFunction:
-    """A LADS sensor function publishing one model sensor."""
-
-    name: str
-    sensor: str  # key of BioreactorModel.measured
-    unit: Unit
-    low: float
-    high: float
-
-
-@dataclass(frozen=True, slots=True)
-class ControllerFunction:
-    """A LADS control function over ``Controls.<key>_sp`` / ``Controls.<key>_on``."""
-
-    name: str
-    key: str
-    unit: Unit
-    low: float  # TargetValue limits (EURange of TargetValue)
-    high: float
-
-
-PERCENT = Unit("P1", "%", "percent")
-SENSOR_FUNCTIONS = (
-    SensorFunction("DissolvedOxygen", "do", PERCENT, 0.0, 200.0),
-    SensorFunction("pH", "ph", Unit("", "pH", "pH"), 0.0, 14.0),
-    SensorFunction("ViableCellDensity", "vcd", Unit("", "cells/mL", "cells per mL"), 0.0, 1e8),
-    SensorFunction("Viability", "viability", PERCENT, 0.0, 100.0),
-    SensorFunction("Glucose", "glucose", Unit("", "mM", "millimole per litre"), 0.0, 100.0),
-    SensorFunction("Lactate", "lactate", Unit("", "mM", "millimole per litre"), 0.0, 100.0),
-    SensorFunction("Volume", "volume", Unit("MLT", "mL", "millilitre"), 0.0, 2000.0),
-    SensorFunction("HeaterPower", "heater_power", Unit("WTT", "W", "watt"), 0.0, 100.0),
-)
-CONTROLLER_FUNCTIONS = (
-    ControllerFunction("Temperature", "temperature", Unit("CEL", "°C", "degree Celsius"), 20, 40),
-    ControllerFunction("Rocking", "rocking", Unit("", "rpm", "revolutions per minute"), 0, 40),
-    ControllerFunction("Perfusion", "perfusion", Unit("", "mL/d", "millilitre per day"), 0, 2000),
-    ControllerFunction("CO2", "co2", PERCENT, 0, 10),
-)
 _POLICIES = {
     "None": ua.SecurityPolicyType.NoSecurity,
     "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
     "Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
 }
-
-
-def _state(running: bool) -> str:
-    return "Running" if running else "Stopped"
-
-
-def node_id(function: str, variable: str) -> str:
-    """The NodeId string of a function's variable, e.g. ``node_id("pH", "SensorValue")``."""
-    return f"ns=2;s={_PREFIX}.{function}.{variable}"
+__all__ = [
+    "APPLICATION_URI",
+    "CONTROLLER_FUNCTIONS",
+    "ENDPOINT_PATH",
+    "NAMESPACE_URI",
+    "SENSOR_FUNCTIONS",
+    "BioreactorServer",
+    "ServerSecurity",
+    "node_id",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +149,17 @@ class BioreactorServer:
         self._ns = await server.register_namespace(NAMESPACE_URI)
         self._published = {}
         self._server = server
-        await self._build(server)
+        await build_address_space(
+            server,
+            self._ns,
+            self.model,
+            serial_number=self.serial_number,
+            setter=self._target_setter,
+            method=self._method,
+        )
+        for cf in CONTROLLER_FUNCTIONS:
+            self._published[f"{cf.name}.TargetValue"] = target(self.model, cf)
+            self._published[f"{cf.name}.IsRunning"] = running(self.model, cf)
         server.subscribe_server_callback(CallbackType.PreRead, self._slow_reply)
         server.subscribe_server_callback(CallbackType.PreWrite, self._slow_reply)
         try:
@@ -247,7 +180,7 @@ class BioreactorServer:
                 await self._task
             self._task = None
         if self._server is not None:
-            await self._server.stop()
+            await stop_server(self._server)
             self._server = None
             self._log.info("bioreactor_server_stopped")
 
@@ -277,6 +210,8 @@ class BioreactorServer:
             return
         self._log.warning("bioreactor_server_restarting", delay_s=delay_s)
         await bserver.stop()
+        # a restarted device has lost its sessions: clients must open new ones
+        await close_lingering_sessions(self._require())
         await self.clock.sleep(delay_s)
         await bserver.start()
         self._log.info("bioreactor_server_restarted")
@@ -313,115 +248,7 @@ class BioreactorServer:
             }
             server.set_certificate_validator(_PinnedClients(pinned))
 
-    # ----------------------------------------------------------------- address space
-    async def _build(self, server: Server) -> None:
-        ns = self._ns
-
-        def nid(name: str) -> ua.NodeId:
-            return ua.NodeId(name, ns)
-
-        def qn(name: str) -> ua.QualifiedName:
-            return ua.QualifiedName(name, ns)
-
-        device_set = await server.nodes.objects.add_folder(nid("DeviceSet"), qn("DeviceSet"))
-        device = await device_set.add_object(nid("Bioreactor"), qn("Bioreactor"))
-        ident = await device.add_object(nid("Bioreactor.Identification"), qn("Identification"))
-        for name, value in (
-            ("Manufacturer", "Bedside Simulators"),
-            ("Model", "Rocking bioreactor RB-2 (simulated)"),
-            ("SerialNumber", self.serial_number),
-            ("SoftwareRevision", "1.0.0"),
-        ):
-            await ident.add_property(nid(f"Bioreactor.Identification.{name}"), qn(name), value)
-        unit_set = nid("Bioreactor.FunctionalUnitSet")
-        units = await device.add_object(unit_set, qn("FunctionalUnitSet"))
-        unit = await units.add_object(nid(_PREFIX), qn("Cultivation"))
-        functions = await unit.add_object(nid(f"{_PREFIX}.FunctionSet"), qn("FunctionSet"))
-        measured = self.model.measured
-        for sf in SENSOR_FUNCTIONS:
-            fn = await functions.add_object(nid(f"{_PREFIX}.{sf.name}"), qn(sf.name))
-            await self._add_analog(fn, sf.name, "SensorValue", sf, measured[sf.sensor], False)
-        for cf in CONTROLLER_FUNCTIONS:
-            base = f"{_PREFIX}.{cf.name}"
-            fn = await functions.add_object(nid(base), qn(cf.name))
-            await self._add_analog(fn, cf.name, "CurrentValue", cf, self._current(cf), False)
-            target = await self._add_analog(fn, cf.name, "TargetValue", cf, self._target(cf), True)
-            server.set_attribute_value_setter(target.nodeid, self._target_setter(cf))
-            state_id = nid(f"{base}.ControlFunctionState")
-            state = await fn.add_object(state_id, qn("ControlFunctionState"))
-            running = self._running(cf)
-            self._published[f"{cf.name}.TargetValue"] = self._target(cf)
-            self._published[f"{cf.name}.IsRunning"] = running
-            for name, initial in (("CurrentState", _state(running)), ("IsRunning", running)):
-                await state.add_variable(nid(f"{base}.{name}"), qn(name), initial)
-            for name, run in (("Start", True), ("Stop", False)):
-                method = self._method(cf, run)
-                await state.add_method(nid(f"{base}.{name}"), qn(name), method, [], [])
-
-    async def _add_analog(
-        self,
-        parent: Node,
-        function: str,
-        name: str,
-        spec: SensorFunction | ControllerFunction,
-        value: float,
-        writable: bool,
-    ) -> Node:
-        """A Double variable of AnalogUnitRangeType with its EURange and EngineeringUnits."""
-        ns, ident = self._ns, f"{_PREFIX}.{function}.{name}"
-        attrs = ua.VariableAttributes(
-            DisplayName=ua.LocalizedText(name),
-            Description=ua.LocalizedText(f"{function} {name} ({spec.unit.symbol})"),
-            DataType=ua.NodeId(ua.ObjectIds.Double),
-            Value=ua.Variant(float(value), ua.VariantType.Double),
-            ValueRank=ua.ValueRank.Scalar,
-        )
-        access = ua.AccessLevel.CurrentRead.mask
-        if writable:
-            access |= ua.AccessLevel.CurrentWrite.mask
-        attrs.AccessLevel = attrs.UserAccessLevel = access
-        item = ua.AddNodesItem(
-            RequestedNewNodeId=ua.NodeId(ident, ns),
-            BrowseName=ua.QualifiedName(name, ns),
-            NodeClass=ua.NodeClass.Variable,
-            ParentNodeId=parent.nodeid,
-            ReferenceTypeId=ua.NodeId(ua.ObjectIds.HasComponent),
-            TypeDefinition=ua.NodeId(ua.ObjectIds.AnalogUnitRangeType),
-            NodeAttributes=attrs,
-        )
-        (result,) = await parent.session.add_nodes([item])
-        result.StatusCode.check()
-        node = self._require().get_node(result.AddedNodeId)
-        await node.add_property(
-            ua.NodeId(f"{ident}.EURange", ns),
-            ua.QualifiedName("EURange", 0),
-            ua.Range(Low=float(spec.low), High=float(spec.high)),
-            datatype=ua.ObjectIds.Range,
-        )
-        await node.add_property(
-            ua.NodeId(f"{ident}.EngineeringUnits", ns),
-            ua.QualifiedName("EngineeringUnits", 0),
-            spec.unit.information(),
-            datatype=ua.ObjectIds.EUInformation,
-        )
-        return node
-
     # ----------------------------------------------------------------- controllers
-    def _target(self, cf: ControllerFunction) -> float:
-        return float(getattr(self.model.controls, f"{cf.key}_sp"))
-
-    def _running(self, cf: ControllerFunction) -> bool:
-        return bool(getattr(self.model.controls, f"{cf.key}_on"))
-
-    def _current(self, cf: ControllerFunction) -> float:
-        m = self.model
-        return {
-            "temperature": lambda: m.measured["temperature"],
-            "rocking": lambda: m.rocking_rpm,
-            "perfusion": lambda: m.perfusion_ml_day,
-            "co2": lambda: m.gas_co2_pct,
-        }[cf.key]()
-
     def _target_setter(self, cf: ControllerFunction) -> Any:
         def setter(node: NodeData, attr: ua.AttributeIds, dv: ua.DataValue) -> None:
             value = dv.Value.Value if dv.Value is not None else None
@@ -431,7 +258,7 @@ class BioreactorServer:
                 )
                 raise ua.uaerrors.BadOutOfRange()
             node.attributes[attr].value = dv
-            if value != self._target(cf):
+            if value != target(self.model, cf):
                 setattr(self.model.controls, f"{cf.key}_sp", value)
                 self._log.info("target_value_written", function=cf.name, value=value)
             self._published[f"{cf.name}.TargetValue"] = value
@@ -478,18 +305,18 @@ class BioreactorServer:
 
     async def _publish_controllers(self, now: datetime) -> None:
         for cf in CONTROLLER_FUNCTIONS:
-            await self._write(f"{cf.name}.CurrentValue", self._current(cf), now)
-            target = self._target(cf)
-            if self._published.get(f"{cf.name}.TargetValue") != target:
-                self._published[f"{cf.name}.TargetValue"] = target
+            await self._write(f"{cf.name}.CurrentValue", current(self.model, cf), now)
+            sp = target(self.model, cf)
+            if self._published.get(f"{cf.name}.TargetValue") != sp:
+                self._published[f"{cf.name}.TargetValue"] = sp
                 # set out of range through the model (not OPC UA): keep publishing the last one
                 with contextlib.suppress(ua.uaerrors.BadOutOfRange):
-                    await self._write(f"{cf.name}.TargetValue", target, now)
-            running = self._running(cf)
-            if self._published.get(f"{cf.name}.IsRunning") != running:
-                self._published[f"{cf.name}.IsRunning"] = running
-                await self._write(f"{cf.name}.IsRunning", running, now)
-                await self._write(f"{cf.name}.CurrentState", _state(running), now)
+                    await self._write(f"{cf.name}.TargetValue", sp, now)
+            is_running = running(self.model, cf)
+            if self._published.get(f"{cf.name}.IsRunning") != is_running:
+                self._published[f"{cf.name}.IsRunning"] = is_running
+                await self._write(f"{cf.name}.IsRunning", is_running, now)
+                await self._write(f"{cf.name}.CurrentState", state_text(is_running), now)
 
     async def _write(
         self, ident: str, value: float | bool | str, now: datetime, status: int = 0
@@ -500,4 +327,4 @@ class BioreactorServer:
         else:
             variant = ua.Variant(value)
         dv = ua.DataValue(variant, ua.StatusCode(status), SourceTimestamp=now, ServerTimestamp=now)
-        await self._require().write_attribute_value(ua.NodeId(f"{_PREFIX}.{ident}", self._ns), dv)
+        await self._require().write_attribute_value(variable_id(ident, self._ns), dv)

@@ -39,13 +39,13 @@ import itertools
 import json
 import random
 from dataclasses import dataclass
-from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import structlog
 from asyncua import Node, Server, ua
 
+from drivers.clock import Clock
 from simulators.cell_processor_programs import (
     TRANSITIONS,
     Bag,
@@ -55,8 +55,10 @@ from simulators.cell_processor_programs import (
     check_start,
     run_outcome,
 )
+from simulators.opcua_sessions import stop_server
 
 NAMESPACE = "urn:bedside:simulator:cellprocessor"
+ENDPOINT_PATH = "/bedside/cellprocessor"
 log = structlog.get_logger(__name__)
 
 _S, _D, _U = ua.VariantType.String, ua.VariantType.Double, ua.VariantType.UInt32
@@ -75,16 +77,6 @@ PROGRAM_VARIABLES: dict[str, tuple[Any, ua.VariantType]] = {
     "StatusMessage": ("", _S),
 }
 BAG_VARIABLES = {"Cells": "cells", "VolumeMl": "volume_ml", "TargetPercent": "target_pct"}
-
-
-class Clock(Protocol):
-    """What the simulator needs of time (``drivers.clock`` clocks fit; no import of drivers)."""
-
-    def now(self) -> datetime: ...
-
-    def monotonic(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
 
 
 @dataclass
@@ -136,7 +128,8 @@ class CellProcessorServer:
 
     @property
     def endpoint(self) -> str:
-        return f"opc.tcp://{self.host}:{self.port}"
+        """The endpoint URL clients connect to."""
+        return f"opc.tcp://{self.host}:{self.port}{ENDPOINT_PATH}"
 
     async def start(self) -> None:
         """Build the address space and listen."""
@@ -158,11 +151,7 @@ class CellProcessorServer:
         server, self._server = self._server, None
         if server is None:
             return
-        await server.stop()
-        # asyncua keeps sessions with subscriptions after their connection drops, with
-        # tasks that stop() leaves running; close them (no public accessor in asyncua 2.1).
-        for session in list(server.iserver._external_sessions.values()):
-            await session.close_session(True)
+        await stop_server(server)  # also closes sessions cut while subscribed
         self._log.info("cell_processor_stopped")
 
     async def __aenter__(self) -> Self:

@@ -9,13 +9,18 @@ that nothing on the machine changes the simulated process without the engineer w
 - ``POST /actions``           ``{"action": "bioreactor.restart"}`` (see ``GET /actions``)
 - ``GET  /state``             the simulated process as the physics sees it (true values)
 
-A bad request is answered 400 with a message naming what is wrong; nothing is changed.
+A bad request is answered 400 with a message naming what is wrong; nothing is changed. Values
+are JSON of the field's type: sets as lists (``"stuck_sensors"``: ``["ph"]``), dicts as objects
+(``"exception_code"``: ``{"1": 4}``, keys of int-keyed fields as decimal text).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
+import types
+import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,38 +36,75 @@ class BadRequest(Exception):
     """A control request that cannot be carried out; the message says why."""
 
 
+def _coerce(hint: Any, value: Any) -> Any:
+    """``value`` (decoded JSON) as the type ``hint``; ``TypeError`` or ``ValueError`` if not.
+
+    JSON has no sets and only text keys: a set field takes a list, and a dict field with int
+    keys takes ``{"1": ...}`` as ``{1: ...}``.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        for arm in args:
+            with contextlib.suppress(TypeError, ValueError):
+                return _coerce(arm, value)
+        raise TypeError(value)
+    if hint is type(None):
+        if value is not None:
+            raise TypeError(value)
+        return None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(value)
+        if hint is int and not float(value).is_integer():
+            raise ValueError(value)
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    if origin is set:
+        if not isinstance(value, list):
+            raise TypeError(value)
+        return {_coerce(args[0], item) for item in value}
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(value)
+        key_type, value_type = args
+        out = {}
+        for key, item in value.items():
+            if key_type is int and isinstance(key, str):
+                key = int(key)  # JSON object keys are text
+            out[_coerce(key_type, key)] = _coerce(value_type, item)
+        return out
+    raise TypeError(f"no JSON form for {hint!r}")
+
+
+def _type_name(hint: Any) -> str:
+    text = getattr(hint, "__name__", None) if typing.get_origin(hint) is None else None
+    return text or str(hint).replace("typing.", "")
+
+
 def set_fault(targets: dict[str, Any], target: str, field: str, value: Any) -> Any:
-    """Set one fault field, coercing the JSON value to the field's type; returns the new value."""
+    """Set one fault field, coercing the JSON value to the field's type; returns the new value.
+
+    ``BadRequest`` (and nothing changed) for an unknown target or field or a value that is not
+    of the field's type (sets are given as JSON lists).
+    """
     if target not in targets:
         raise BadRequest(f"unknown target {target!r}; targets: {', '.join(sorted(targets))}")
     obj = targets[target]
     names = {f.name for f in dataclasses.fields(obj)}
     if field not in names:
         raise BadRequest(f"{target} has no fault {field!r}; faults: {', '.join(sorted(names))}")
-    current = getattr(obj, field)
+    hint = typing.get_type_hints(type(obj))[field]
     try:
-        if isinstance(current, bool):
-            if not isinstance(value, bool):
-                raise TypeError
-            new: Any = value
-        elif isinstance(current, int | float):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError
-            new = type(current)(value)
-        elif isinstance(current, set):
-            new = set(value)
-        elif isinstance(current, dict):
-            if not isinstance(value, dict):
-                raise TypeError
-            new = dict(value)
-        elif current is None or isinstance(current, str):
-            new = value
-        else:
-            raise TypeError
+        new = _coerce(hint, value)
     except (TypeError, ValueError):
-        raise BadRequest(
-            f"{target}.{field} takes a {type(current).__name__}, not {value!r}"
-        ) from None
+        raise BadRequest(f"{target}.{field} takes a {_type_name(hint)}, not {value!r}") from None
     setattr(obj, field, new)
     return new
 
@@ -130,7 +172,7 @@ def control_app(
         try:
             data = await body(request)
             name = data.get("action")
-            if name not in actions:
+            if not isinstance(name, str) or name not in actions:
                 raise BadRequest(f"unknown action {name!r}; actions: {', '.join(sorted(actions))}")
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, 400)

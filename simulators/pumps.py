@@ -25,9 +25,10 @@ Other register addresses answer exception 2 (illegal data address); coils and di
 2-15 are reserved: they read 0 and refuse writes with exception 2.
 
 While any alarm is active the rotor stands still. The actual speed ramps at ``ramp`` mL/min per
-second of the injected clock; every ``tick`` seconds the dispensed volume grows by speed · dt and
-``on_dispense(pump, ml, direction)`` is called, so the caller can move that volume into the
-bioreactor or out of a bag on a balance.
+second of the injected clock; every ``tick`` seconds (and at every request) the dispensed volume
+grows by the speed integrated over the elapsed time and ``on_dispense(pump, ml, direction)`` is
+called, so the caller can move that volume into the bioreactor or out of a bag on a balance. On
+a fast clock the tick is stretched so that it comes at most every ``min_wall_tick`` wall seconds.
 
 Faults (``PumpFaults``, mutable at run time, per unit id): stall, door open, motor fault (alarm
 bits, no pumping), an exception code answered to every request, a reply delay (seconds of the
@@ -35,21 +36,19 @@ injected clock) and silence. ``drop_connections()`` closes the TCP clients' conn
 ``stop()`` / ``start()`` take the whole server away and back (the RTU view gets a new pty behind
 the same link path). ``requests`` records every request received, for tests and diagnostics.
 
-The RTU view is a null modem: two ptys joined back to back; the server opens one slave and the
-client opens the other through the caller's ``rtu_link`` symlink.
+The RTU view is a null modem (``simulators.ptylink.NullModem``): two ptys joined back to back;
+the server opens one slave and the client opens the other through the caller's ``rtu_link``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import struct
-import tty
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import structlog
 from pymodbus import FramerType
@@ -58,21 +57,15 @@ from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from drivers.clock import Clock
+from simulators.ptylink import NullModem
+
 log = structlog.get_logger(__name__)
 
 MAX_SPEED = 100.0  # mL/min
 _TABLE = {1: "c", 5: "c", 15: "c", 2: "d", 3: "h", 6: "h", 16: "h", 22: "h", 23: "h", 4: "i"}
 _WRITES = frozenset({5, 6, 15, 16})
 ALARM_STALL, ALARM_DOOR, ALARM_MOTOR = 1, 2, 4
-
-
-class Clock(Protocol):
-    """What the pumps need of time (``drivers.clock`` clocks fit; simulators do not import
-    drivers, see the import contracts in pyproject)."""
-
-    def monotonic(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
 
 
 def _float_words(value: float) -> list[int]:
@@ -118,16 +111,21 @@ class Pump:
     dispensed: float = 0.0  # mL since reset
 
     def step(self, dt: float, alarms: int, ramp: float) -> float:
-        """Advance ``dt`` seconds; return the mL moved."""
+        """Advance ``dt`` seconds; return the mL moved (exact for the linear ramp, so a long
+        step moves as much as many short ones)."""
         before = self.speed
-        if alarms or not self.run:
-            after = 0.0 if alarms else max(0.0, before - ramp * dt)
-        elif before < self.setpoint:
-            after = min(self.setpoint, before + ramp * dt)
+        if alarms:  # the rotor is blocked: it stops at once
+            self.speed = 0.0
+            return 0.0
+        target = self.setpoint if self.run else 0.0
+        ramp_s = abs(target - before) / ramp if ramp > 0 else 0.0
+        if ramp_s >= dt:  # still ramping at the end of the step
+            after = before + (dt * ramp if target > before else -dt * ramp)
+            ml = (before + after) / 2 / 60 * dt
         else:
-            after = max(self.setpoint, before - ramp * dt)
+            after = target
+            ml = ((before + after) / 2 * ramp_s + after * (dt - ramp_s)) / 60
         self.speed = after
-        ml = (before + after) / 2 / 60 * dt
         self.dispensed += ml
         return ml
 
@@ -141,53 +139,6 @@ class RequestRecord:
     function_code: int
     address: int
     count: int
-
-
-class _NullModem:
-    """Two ptys joined back to back; ``server_port`` for the server, ``link`` for clients."""
-
-    def __init__(self, link: str) -> None:
-        self.link = link
-        self._fds: list[int] = []
-        self.server_port = ""
-        self._client_port = ""
-
-    def open(self, loop: asyncio.AbstractEventLoop) -> None:
-        master_a, slave_a = os.openpty()
-        master_b, slave_b = os.openpty()
-        self._fds = [master_a, slave_a, master_b, slave_b]
-        for fd in (slave_a, slave_b):
-            tty.setraw(fd)  # no echo or line editing until an opener configures the port
-        for fd in (master_a, master_b):
-            os.set_blocking(fd, False)
-        self.server_port, self._client_port = os.ttyname(slave_a), os.ttyname(slave_b)
-        tmp = f"{self.link}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        os.symlink(self._client_port, tmp)
-        os.replace(tmp, self.link)
-        loop.add_reader(master_a, self._relay, master_a, master_b)
-        loop.add_reader(master_b, self._relay, master_b, master_a)
-
-    @staticmethod
-    def _relay(src: int, dst: int) -> None:
-        try:
-            data = os.read(src, 4096)
-            os.write(dst, data)
-        except OSError:  # nothing to read, or the line is full: bytes are lost, as on a wire
-            pass
-
-    def close(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._fds:
-            return
-        loop.remove_reader(self._fds[0])
-        loop.remove_reader(self._fds[2])
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-        with contextlib.suppress(OSError):
-            if os.readlink(self.link) == self._client_port:
-                os.unlink(self.link)
 
 
 class PumpServer:
@@ -205,6 +156,7 @@ class PumpServer:
         faults: PumpFaults | None = None,
         tick: float = 0.1,
         ramp: float = 200.0,
+        min_wall_tick: float = 0.02,
     ) -> None:
         if not 1 <= pumps <= 247:
             raise ValueError(f"pumps must be 1..247, got {pumps}")
@@ -214,9 +166,10 @@ class PumpServer:
         self._clock = clock
         self._tcp = tcp
         self._rtu_baudrate = rtu_baudrate
-        self._modem = _NullModem(rtu_link) if rtu_link else None
+        self._modem = NullModem(rtu_link) if rtu_link else None
         self._on_dispense = on_dispense
-        self._tick = tick
+        # a 600x clock would otherwise wake the physics every 0.17 ms of wall time
+        self._tick = max(tick, min_wall_tick * clock.speed)
         self._ramp = ramp
         self._servers: list[ModbusTcpServer | ModbusSerialServer] = []
         self._physics: asyncio.Task[None] | None = None

@@ -19,6 +19,7 @@ from typing import Any, Self
 import structlog
 import uvicorn
 
+from drivers.clock import Clock
 from simulators.balance import BalanceFaults, BalanceSimulator
 from simulators.bioreactor import BioreactorServer
 from simulators.bioreactor_model import BioreactorModel
@@ -51,7 +52,7 @@ class SimEndpoints:
 class SimulatedUnit:
     """All simulators of one unit; an async context manager."""
 
-    def __init__(self, clock: Any, endpoints: SimEndpoints, *, seed: int = 0) -> None:
+    def __init__(self, clock: Clock, endpoints: SimEndpoints, *, seed: int = 0) -> None:
         self.clock = clock
         self.endpoints = endpoints
         self.run_dir = Path(endpoints.run_dir)
@@ -95,25 +96,37 @@ class SimulatedUnit:
 
     # -------------------------------------------------------------- physical couplings
     def _dispensed(self, pump: int, ml: float, direction: int) -> None:
-        """Pumping moves liquid between the medium, the bioreactor and the harvest bag."""
+        """Pumping moves liquid between the medium, the bioreactor and the harvest bag.
+
+        What does not fit is lost: a full bioreactor bag overflows, an empty bag or bioreactor
+        lets the pump run dry. That is logged once as ``sim_pumping_limited`` (then quietly)
+        and once as ``sim_pumping_normal`` when a whole dispense moves again.
+        """
         into_bioreactor = (pump == FEED_PUMP) == (direction == 0)
-        try:
-            if into_bioreactor:
-                self.model.add_volume(ml, medium=pump == FEED_PUMP)
-                if pump == HARVEST_PUMP:
-                    self.harvest_bag_ml = max(0.0, self.harvest_bag_ml - ml)
-            else:
-                taken = min(ml, self.model.true_values()["volume"])
-                self.model.remove_volume(taken)
-                if pump == HARVEST_PUMP:
-                    self.harvest_bag_ml += taken
-            if pump in self._limited:
-                self._limited.discard(pump)
-                log.info("sim_pumping_normal", pump=pump)
-        except ValueError as exc:  # bag full or empty: the pump runs dry or the bag overflows
-            if pump not in self._limited:  # a repeating fault logs once
+        volume = self.model.true_values()["volume"]
+        if into_bioreactor:
+            room = max(0.0, self.model.params.max_volume - volume - 1e-9)
+            supply = ml if pump == FEED_PUMP else self.harvest_bag_ml  # medium never runs out
+            moved = min(ml, room, supply)
+            if moved > 0:
+                self.model.add_volume(moved, medium=pump == FEED_PUMP)
+            if pump == HARVEST_PUMP:
+                self.harvest_bag_ml -= moved
+            why = "the bioreactor bag is full" if room < ml else "the harvest bag is empty"
+        else:
+            moved = min(ml, volume)
+            if moved > 0:
+                self.model.remove_volume(moved)
+            if pump == HARVEST_PUMP:
+                self.harvest_bag_ml += moved
+            why = "the bioreactor is empty"
+        if moved < ml:
+            if pump not in self._limited:  # a repeating condition logs once
                 self._limited.add(pump)
-                log.warning("sim_pumping_limited", pump=pump, error=str(exc))
+                log.warning("sim_pumping_limited", pump=pump, reason=why, lost_ml=ml - moved)
+        elif pump in self._limited:
+            self._limited.discard(pump)
+            log.info("sim_pumping_normal", pump=pump)
 
     def _bag_weight(self) -> float:
         return BAG_TARE_G + self.harvest_bag_ml * MEDIUM_DENSITY_G_PER_ML

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -215,6 +216,58 @@ async def test_drop_connections_cuts_connected_clients(
             await read(client, "pH", "SensorValue")
     finally:
         await client.disconnect()  # only cleans up: the connection is already gone
+
+
+class _Changes:
+    """A subscription handler that ignores what it is told."""
+
+    def datachange_notification(self, node: object, val: object, data: object) -> None:
+        pass
+
+
+async def _subscribed_and_cut(server: BioreactorServer) -> Client:
+    """A client subscribed to a sensor, whose connection the server then aborts."""
+    client = Client(server.endpoint)
+    await client.connect()
+    subscription = await client.create_subscription(100, _Changes())
+    await subscription.subscribe_data_change(client.get_node(node_id("pH", "SensorValue")))
+    assert server.drop_connections() == 1
+    await asyncio.sleep(0.05)
+    return client
+
+
+async def test_stop_closes_sessions_cut_while_subscribed(port: int) -> None:
+    """stop() ends the sessions asyncua keeps for clients cut while subscribed, so none of
+    their tasks outlive the server (the autouse fixture checks for leaked tasks)."""
+    server = BioreactorServer(BioreactorModel(seed=1), ManualClock(), port=port)
+    await server.start()
+    ua_server = server._require()
+    client = await _subscribed_and_cut(server)
+    try:
+        assert ua_server.iserver._external_sessions  # kept for the client to reactivate
+        await server.stop()
+        assert not ua_server.iserver._external_sessions
+    finally:
+        await server.stop()
+        with contextlib.suppress(ConnectionError, ua.UaError, asyncio.TimeoutError):
+            await client.disconnect()
+
+
+async def test_restart_closes_sessions_cut_while_subscribed(
+    served: tuple[BioreactorServer, ManualClock],
+) -> None:
+    """A restarted server has forgotten the sessions of clients it cut, as a real device would."""
+    server, clock = served
+    client = await _subscribed_and_cut(server)
+    try:
+        restarting = asyncio.create_task(server.restart(5.0))
+        await asyncio.sleep(0.05)
+        await clock.advance(5.0)
+        await restarting
+        assert not server._require().iserver._external_sessions
+    finally:
+        with contextlib.suppress(ConnectionError, ua.UaError, asyncio.TimeoutError):
+            await client.disconnect()
 
 
 async def test_scaled_clock_runs_the_culture_ten_thousand_times_faster(port: int) -> None:

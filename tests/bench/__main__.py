@@ -12,16 +12,24 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from agent.logging import configure_logging
+from tests import pg
 from tests.bench import protocols
 
+LOCAL_PG = pg.LOCAL_URL
 
-def row(name: str, value: float, unit: str, ref: float | None = None, goal: str = "") -> None:
-    ratio = (
-        f"  driver/raw {value / ref:5.2f} (overhead {100 * (1 - value / ref):+.0f} %)"
-        if ref
-        else ""
-    )
-    print(f"  {name:<46} {value:>14,.1f} {unit:<16}{ratio}  {goal}")
+
+def row(
+    name: str,
+    value: float,
+    unit: str,
+    ref: float | None = None,
+    goal: str = "",
+    vs: str = "driver/raw",
+    decimals: int = 1,
+) -> None:
+    ratio = f"  {vs} {value / ref:5.2f} (overhead {100 * (1 - value / ref):+.0f} %)" if ref else ""
+    print(f"  {name:<46} {value:>14,.{decimals}f} {unit:<16}{ratio}  {goal}")
     sys.stdout.flush()
 
 
@@ -33,9 +41,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
     parser.add_argument(
-        "--only", default="", help="comma-separated sections: opcua,modbus,bioreactor,journal,drain"
+        "--only",
+        default="",
+        help="comma-separated sections: opcua,modbus,bioreactor,journal,drain,storage",
+    )
+    parser.add_argument(
+        "--storage-days",
+        type=float,
+        default=12.0,
+        help="days of a CAR-T run to journal in the storage section (fewer: extrapolated)",
+    )
+    parser.add_argument(
+        "--pg", default=LOCAL_PG, help="PostgreSQL for the drain section (skipped if silent)"
     )
     args = parser.parse_args()
+    configure_logging("console", "warning")  # the figures, not the services' info events
     only = set(filter(None, args.only.split(",")))
     want: Callable[[str], bool] = lambda s: not only or s in only  # noqa: E731
     s = args.seconds
@@ -80,10 +100,45 @@ def main() -> None:
     if want("journal"):
         from agent.journal_bench import bench as journal_bench
 
-        section("Journal (SQLite WAL, one core)")
+        section("Journal (SQLite WAL, synchronous=FULL, one core)")
         j = journal_bench(s)
-        for key, value in j.items():
-            row(key, value, "")
+        row("raw SQLite, batched inserts (1000 rows/txn)", j["raw_samples_per_s"], "samples/s")
+        row("raw SQLite, columnar batches (no chain)", j["columnar_samples_per_s"], "samples/s")
+        row(
+            "journal (chain, signed checkpoints, durable)",
+            j["journal_samples_per_s"],
+            "samples/s",
+            goal="goal: >= 100,000",
+        )
+        row("raw batched / journal", j["ratio"], "x", goal="goal: <= 1.5", decimals=2)
+        row("samples record, canonical JSON", j["bytes_per_sample"], "bytes/sample")
+        row("samples record, deflate", j["deflate_bytes_per_sample"], "bytes/sample")
+
+    if want("drain"):
+        from controlsite.bench import bench_drain
+
+        section("Drain: a 100,000-sample backlog to the control site (verified and stored)")
+        stores: list[tuple[str, str | None]] = [("SQLite", None)]
+        if pg.answers(args.pg):
+            stores.append(("PostgreSQL", args.pg))
+        else:
+            print(f"  (PostgreSQL at {args.pg} does not answer: skipped)")
+        for name, url in stores:
+            d = bench_drain(url)
+            row(f"{name}: samples verified and stored", d["samples_per_s"], "samples/s",
+                goal="goal: >= 100,000")  # fmt: skip
+            row(f"{name}: records verified and stored", d["records_per_s"], "records/s")
+            row(f"{name}: request bodies on the wire", d["bytes_per_sample"], "bytes/sample",
+                goal="goal: <= 40")  # fmt: skip
+
+    if want("storage"):
+        from tests.bench import storage
+
+        section(
+            f"Storage: the journal of a {storage.RUN_DAYS}-day CAR-T run "
+            "(shipped recording policies, simulated unit)"
+        )
+        storage.report(row, args.storage_days)
 
 
 if __name__ == "__main__":
