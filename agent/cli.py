@@ -52,7 +52,7 @@ def _main(
 
 
 def _register() -> None:
-    from agent import cli_agent, cli_demo, cli_devices, cli_sim, cli_users
+    from agent import cli_agent, cli_demo, cli_devices, cli_recipe, cli_run, cli_sim, cli_users
 
     app.command("demo", help=cli_demo.demo.__doc__)(cli_demo.demo)
     app.add_typer(cli_devices.app, name="devices")
@@ -60,6 +60,10 @@ def _register() -> None:
     app.add_typer(cli_sim.fault_app, name="sim-fault")
     app.add_typer(cli_agent.keys_app, name="keys")
     app.add_typer(cli_users.app, name="users")
+    cli_recipe.app.command("simulate", help=cli_run.simulate.__doc__)(cli_run.simulate)
+    app.add_typer(cli_recipe.app, name="recipe")
+    app.add_typer(cli_run.run_app, name="run")
+    app.add_typer(cli_run.alarms_app, name="alarms")
     app.add_typer(cli_agent.agent_app, name="agent")
     app.add_typer(cli_agent.cs_app, name="control-site")
     app.command("verify", help=cli_agent.verify.__doc__)(cli_agent.verify)

@@ -121,3 +121,15 @@ class ManualClock:
         self._t = target
         for _ in range(5):
             await asyncio.sleep(0)
+
+
+MIN_POLL_WALL = 0.05  # seconds: no device is polled more than 20 times a wall second
+
+
+async def poll_pause(clock: Clock, seconds: float) -> None:
+    """Wait a poll interval of ``clock`` time, and at an accelerated clock at least
+    ``MIN_POLL_WALL`` of wall time: a real (or simulated) device answers in real time, so a
+    12-day process at 10,000x must not poll its devices 10,000 times a wall second."""
+    await clock.sleep(seconds)
+    if clock.speed > 1:
+        await asyncio.sleep(MIN_POLL_WALL)

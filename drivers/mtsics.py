@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import structlog
 
 from drivers.base import DriverBase, Quality, Sample, Value
-from drivers.clock import Clock
+from drivers.clock import Clock, poll_pause
 from drivers.errors import (
     ConfigurationError,
     DeviceErrorReply,
@@ -319,7 +319,7 @@ class MtSicsBalance(DriverBase):
 
     async def _pause(self, seconds: float) -> None:
         """Sleep on the clock, waking early when the driver closes."""
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        sleeper = asyncio.ensure_future(poll_pause(self._clock, seconds))
         closed = asyncio.ensure_future(self._closed.wait())
         try:
             await asyncio.wait({sleeper, closed}, return_when=asyncio.FIRST_COMPLETED)

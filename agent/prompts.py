@@ -1,0 +1,178 @@
+"""Operator prompts and in-process sample results: typed entry, checks and e-signatures.
+
+A prompt phase opens a ``PendingPrompt`` and waits. An operator answers through the API with
+the inputs and the signatures the phase needs (each with the signer's password again). Inputs
+are checked by type, pattern, limits and ``equals`` (e.g. a scanned bag ID against the run's
+chain-of-identity ID); a wrong answer is refused with every reason, audited, and the prompt
+stays open. Signatures are made by the authenticator, bound to the answer (a SHA-256 of the
+signed content), checked for the two-person rule and journaled as ``signature`` records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from agent.recipe_model import Input, PromptPhase, SamplePhase
+from agent.records import Kind
+
+if TYPE_CHECKING:
+    from agent.engine import Engine
+
+
+class PromptRejected(Exception):
+    """An answer that cannot be accepted; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class PendingPrompt:
+    key: str
+    phase: PromptPhase | SamplePhase
+    opened: datetime
+    future: asyncio.Future[dict[str, Any]] | None = None
+    kind: str = "prompt"
+    answered: dict[str, Any] = field(default_factory=dict)
+
+    def view(self) -> dict[str, Any]:
+        fields = self.phase.inputs if isinstance(self.phase, PromptPhase) else self.phase.results
+        return {
+            "phase": self.phase.id, "key": self.key, "kind": self.kind,
+            "text": getattr(self.phase, "text", f"enter the results of sample {self.phase.id}"),
+            "opened": self.opened.isoformat(),
+            "inputs": {n: {"type": i.type, "unit": i.unit, "label": i.label or n,
+                           "limits": i.limits, "pattern": i.pattern} for n, i in fields.items()},
+            "signatures": list(getattr(self.phase, "signatures", [])),
+            "waiting": self.future is not None,
+        }
+
+
+class Prompts:
+    """The open prompts of one run."""
+
+    def __init__(self, engine: Engine, authenticator: Any) -> None:
+        self.e = engine
+        self.auth = authenticator
+        self.open: dict[str, PendingPrompt] = {}
+
+    def views(self) -> list[dict[str, Any]]:
+        return [p.view() for p in self.open.values()]
+
+    async def ask(self, key: str, phase: PromptPhase | SamplePhase) -> dict[str, Any]:
+        """Open a prompt and wait for an accepted answer; returns the typed inputs."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        kind = "prompt" if isinstance(phase, PromptPhase) else "sample_results"
+        self.open[phase.id] = PendingPrompt(key, phase, self.e.clock.now(), fut, kind)
+        await self.e.event({"event": "prompt_opened", "key": key, "phase": phase.id,
+                            "kind": kind, "text": getattr(phase, "text", "")})
+        try:
+            return await fut
+        finally:
+            self.open.pop(phase.id, None)
+
+    def expect_results(self, key: str, phase: SamplePhase) -> None:
+        """A sample whose results will be entered later, without holding the procedure."""
+        self.open[phase.id] = PendingPrompt(key, phase, self.e.clock.now(), None, "sample_results")
+
+    def cancel_all(self) -> None:
+        """Interrupted (hold, stop): waiting phases are re-asked when the run resumes."""
+        for phase_id in [k for k, p in self.open.items() if p.future is not None]:
+            pending = self.open.pop(phase_id)
+            if pending.future and not pending.future.done():
+                pending.future.cancel()
+
+    async def answer(
+        self, phase_id: str, inputs: dict[str, Any], signatures: list[dict[str, str]], who: str
+    ) -> dict[str, Any]:
+        """Check and accept an answer; ``PromptRejected`` (audited) when it cannot be."""
+        pending = self.open.get(phase_id)
+        if pending is None:
+            raise PromptRejected([f"no open prompt for phase {phase_id!r}; open: "
+                                  f"{', '.join(self.open) or 'none'}"])
+        phase = pending.phase
+        specs = phase.inputs if isinstance(phase, PromptPhase) else phase.results
+        problems: list[str] = []
+        typed: dict[str, Any] = {}
+        for name in inputs:
+            if name not in specs:
+                problems.append(f"{name}: not an input of {phase_id} (inputs: {', '.join(specs)})")
+        for name, spec in specs.items():
+            if name not in inputs:
+                if spec.required:
+                    problems.append(f"{name}: required")
+                continue
+            value, problem = self._check(name, spec, inputs[name])
+            if problem:
+                problems.append(problem)
+            else:
+                typed[name] = value
+        meanings = list(getattr(phase, "signatures", []))
+        given = {s.get("meaning"): s for s in signatures}
+        for meaning in meanings:
+            if meaning not in given:
+                problems.append(f"signature {meaning!r} is needed")
+        if problems:
+            await self._audit("prompt_rejected", phase_id, who, problems=problems)
+            raise PromptRejected(problems)
+        record = {"run": self.e.run, "phase": phase_id, "inputs": typed}
+        made = []
+        if meanings:
+            from agent.auth import check_distinct
+
+            if self.auth is None:
+                raise PromptRejected(["this agent has no user store: signatures cannot be made"])
+            try:
+                for meaning in meanings:
+                    s = given[meaning]
+                    made.append(await self.auth.sign(s["user"], s["password"], meaning, record))
+                check_distinct(made)
+            except Exception as exc:  # AuthError and friends carry the reason
+                await self._audit("signature_refused", phase_id, who, problems=[str(exc)])
+                raise PromptRejected([str(exc)]) from exc
+            for sig in made:
+                await self.e.journal.append(Kind.SIGNATURE, {**sig.as_dict(), "run": self.e.run,
+                                                             "phase": phase_id, "record": record},
+                                            run=self.e.run)
+        await self._audit("prompt_answered", phase_id, who, inputs=typed)
+        if pending.future is not None:
+            pending.future.set_result(typed)
+        else:  # results of a sample that did not hold the procedure
+            self.open.pop(phase_id, None)
+            self.e.memory.outputs[phase_id] = typed
+            await self.e.event({"event": "sample_results", "phase": phase_id, "results": typed})
+        return typed
+
+    def _check(self, name: str, spec: Input, raw: Any) -> tuple[Any, str | None]:
+        try:
+            if spec.type == "float":
+                value: Any = float(raw)
+            elif spec.type == "int":
+                value = int(raw)
+            elif spec.type == "bool":
+                value = raw if isinstance(raw, bool) else str(raw).lower() in ("true", "yes", "1")
+            else:
+                value = str(raw)
+        except (TypeError, ValueError):
+            return None, f"{name}: {raw!r} is not a {spec.type}"
+        if spec.pattern and not re.fullmatch(spec.pattern, str(value)):
+            return None, f"{name}: {value!r} does not match {spec.pattern}"
+        if spec.limits and isinstance(value, int | float) and not (
+            spec.limits[0] <= value <= spec.limits[1]
+        ):
+            return None, f"{name}: {value} is outside [{spec.limits[0]}, {spec.limits[1]}] {spec.unit}"
+        if spec.equals is not None:
+            expected = self.e.env.plain(spec.equals)
+            if value != expected:
+                return None, (f"{name}: {value!r} does not match {spec.equals.source} "
+                              f"(chain of identity check)")
+        return value, None
+
+    async def _audit(self, action: str, phase_id: str, who: str, **extra: Any) -> None:
+        await self.e.journal.append(Kind.AUDIT, {"action": action, "phase": phase_id, "who": who,
+                                                 **extra}, run=self.e.run)
