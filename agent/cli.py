@@ -7,16 +7,12 @@ exits non-zero when something is wrong.
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import Awaitable
-from typing import NoReturn, TypeVar
 
 import typer
 
+from agent.cli_common import fail, run_async
 from agent.logging import configure_logging
-
-T = TypeVar("T")
 
 app = typer.Typer(
     name="bedside",
@@ -25,20 +21,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one clear error line on stderr and exit."""
-    typer.echo(f"bedside: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def run_async(coro: Awaitable[T]) -> T:
-    """Run a coroutine to completion, turning Ctrl-C into a quiet exit."""
-    try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
 
 
 @app.callback()

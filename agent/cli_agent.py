@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import typer
 
-from agent.cli import fail, run_async
+from agent.cli_common import fail, run_async
 from agent.config import default_config_path, load_config
 from agent.yamlsource import DocumentError
 

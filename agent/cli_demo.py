@@ -1,181 +1,118 @@
-"""``bedside demo``: the most complete path that exists, on embedded defaults.
+"""``bedside demo``: the whole system end to end, on embedded defaults, at accelerated time.
 
-Today: the simulated unit at accelerated time (a subprocess, as in production the devices are
-other machines), watched live through the real drivers for a minute, with set-point changes the
-process visibly follows and a write refused for being outside its limits.
+A control site (in-process, SQLite in a temporary folder) enrols the unit; the simulated unit
+(bioreactor, cell processor, pumps, balance on real OPC UA, Modbus and serial links) runs at
+10,000x; the agent's drivers, recorder, journal, engine and uplink run the CAR-T recipe from
+apheresis receipt to fill, 12 simulated days in about two minutes. A heater failure on day 3
+holds the run; the simulated operator acknowledges the alarm and restarts once it clears.
+At the end the journal is verified offline and compared with what the control site stored.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import sys
+import secrets
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from agent.cli import fail, run_async
-from agent.config import default_config_path, load_config
-from agent.devices import DeviceHub
-from drivers.base import Sample
-from drivers.clock import SystemClock
-from drivers.errors import DriverError, WriteRefused
+from agent.cli_common import fail, run_async
 
-SHOWN = [
-    "temperature",
-    "temperature_sp",
-    "dissolved_oxygen",
-    "ph",
-    "viable_cell_density",
-    "viability",
-    "glucose",
-    "lactate",
-    "volume",
-    "rocking",
-    "feed_speed",
-    "feed_dispensed",
-    "bag_weight",
-]
+RECIPE = Path("recipes/cart-expansion.yaml")
+PARAMS = {"coi_id": "COI-240117", "donation_id": "W123425000117", "patient_weight": "72",
+          "target_dose": "2e8"}
+SHOWN = ["temperature", "dissolved_oxygen", "ph", "viable_cell_density", "viability", "glucose",
+         "lactate", "volume", "perfusion_sp", "rocking_sp", "cp_state", "bag_weight"]
 
 
-def _table(latest: dict[str, Sample], units: dict[str, str], elapsed: float, note: str) -> Table:
-    table = Table(title=f"Bedside simulated unit, {elapsed:4.0f} s  |  {note}", expand=False)
-    for col in ("tag", "value", "unit", "quality"):
-        table.add_column(col, justify="right" if col == "value" else "left")
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _table(engine: Any, uplink: dict[str, Any]) -> Table:
+    day = engine.elapsed() / 86400
+    alarms = [a.id for a in engine.alarms.active() if a.active]
+    t = Table(title=f"Bedside demo | {engine.recipe.title} | day {day:5.2f} | "
+                    f"{engine.sm.state.value}", expand=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("phase", str(engine.memory.current or "-"))
+    t.add_row("completed phases", str(len(engine.memory.completed)))
+    t.add_row("active alarms", ", ".join(alarms) or "none")
     for tag in SHOWN:
-        s = latest.get(tag)
-        value = (
-            ""
-            if s is None or s.value is None
-            else (
-                f"{s.value:,.3g}"
-                if isinstance(s.value, float) and abs(s.value) >= 1e4
-                else f"{s.value:.2f}"
-                if isinstance(s.value, float)
-                else str(s.value)
-            )
-        )
-        table.add_row(tag, value, units.get(tag, ""), s.quality.value if s else "")
-    return table
-
-
-async def _start_sim(speed: float, run_dir: str, env: dict[str, str]) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent",
-        "--log-format",
-        "json",
-        "--log-level",
-        "warning",
-        "sim",
-        "--speed",
-        str(speed),
-        "--control-port",
-        env["BEDSIDE_SIM_CONTROL_PORT"],
-        stdout=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(60):
-            while True:
-                line = await proc.stdout.readline()
-                if not line:
-                    fail("the simulator stopped before it was ready (see its log above)")
-                event = json.loads(line)
-                if event.get("event") == "sim_ready":
-                    return proc
-    except TimeoutError:
-        proc.terminate()
-        fail("the simulator did not become ready within 60 s")
+        s = engine.hub.latest.get(tag)
+        v = "" if s is None else (f"{s.value:,.3g}" if isinstance(s.value, float) and
+                                  abs(s.value) >= 1e4 else f"{s.value:.2f}"
+                                  if isinstance(s.value, float) else str(s.value))
+        t.add_row(tag, v)
+    if uplink:
+        t.add_row("uplink", f"{uplink.get('link')} | acked {uplink.get('acked_seq')} | "
+                            f"backlog {uplink.get('backlog')}")
+    return t
 
 
 def demo(
-    minutes: float = typer.Option(1.0, help="how long to watch (wall-clock minutes)"),
-    speed: float = typer.Option(600.0, help="simulated seconds per wall second"),
+    speed: float = typer.Option(10000, help="simulated seconds per wall second"),
+    recipe: Path = typer.Option(RECIPE, help="the recipe to run"),
+    heater_fault: bool = typer.Option(True, help="fail the heater on day 3 for 8 hours"),
 ) -> None:
-    """Run the simulated unit and watch it live through the real drivers."""
+    """Run simulators, agent and control site: a CAR-T recipe end to end at accelerated time."""
+    from agent.simulate import FaultPlan, simulate
+    from agent.verify import verify_path
+    from controlsite.enroll import enroll_unit
+    from controlsite.service import ControlSiteServer
+    from controlsite.store import open_store
+
+    if not recipe.exists():
+        fail(f"{recipe} not found: run `make demo` from the project folder")
     console = Console()
-    run_dir = tempfile.mkdtemp(prefix="bedside-demo-")
-    env = {**os.environ, "BEDSIDE_RUN_DIR": run_dir, "BEDSIDE_SIM_CONTROL_PORT": "8790"}
-    os.environ["BEDSIDE_RUN_DIR"] = run_dir
-    cfg = load_config(default_config_path())
-    units = {t: cfg.tag(t)[1].unit for t in SHOWN}
-    duration = minutes * 60
+    work = Path(tempfile.mkdtemp(prefix="bedside-demo-"))
+    faults = [FaultPlan.parse("bioreactor.heater_failed=true@3d+8h")] if heater_fault else []
 
     async def go() -> None:
-        console.print(
-            f"[bold]Bedside demo[/]: starting the simulated unit at {speed:g}x "
-            f"(run folder {run_dir})"
-        )
-        sim = await _start_sim(speed, run_dir, env)
-        notes = ["watching"]
+        store = open_store(str(work / "control-site.db"))
         try:
-            async with DeviceHub(cfg, SystemClock()) as hub:
-                script = [
-                    (10, "temperature_sp", 33.0, "cooling: temperature set-point 37 -> 33 degC"),
-                    (20, "feed_speed_sp", 2.0, "feed pump speed 2 mL/min"),
-                    (21, "feed_run", True, "feed pump on: medium flows into the bag"),
-                    (30, "temperature_sp", 55.0, "a set-point outside [20, 40] degC"),
-                    (35, "feed_run", False, "feed pump off"),
-                    (40, "temperature_sp", 37.0, "back to 37 degC"),
-                ]
-                t0 = time.monotonic()
-                stream = hub.observe(SHOWN)
-                live = Live(
-                    _table(hub.latest, units, 0, notes[-1]),
-                    console=console,
-                    refresh_per_second=4,
-                    transient=not console.is_terminal,
-                )
+            async with ControlSiteServer(store, api_token=secrets.token_urlsafe(16),
+                                         port=_free_port()) as cs:
+                console.print(f"[bold]Bedside demo[/]: control site at {cs.url}, simulated unit at "
+                              f"{speed:g}x, recipe {recipe}")
+                live = Live(console=console, refresh_per_second=4, transient=False)
+
+                def show(engine: Any, uplink: dict[str, Any]) -> None:
+                    live.update(_table(engine, uplink))
+
                 with live:
-
-                    async def drive() -> None:
-                        for at, tag, value, note in script:
-                            await asyncio.sleep(
-                                max(0.0, at * duration / 60 - (time.monotonic() - t0))
-                            )
-                            try:
-                                await hub.write(tag, value)
-                                notes.append(note)
-                            except WriteRefused as exc:
-                                notes.append(f"refused: {exc.detail}")
-                            console.log(notes[-1])
-
-                    driver_task = asyncio.create_task(drive())
-                    try:
-                        async with asyncio.timeout(duration):
-                            async for _ in stream:
-                                live.update(
-                                    _table(hub.latest, units, time.monotonic() - t0, notes[-1])
-                                )
-                    except TimeoutError:
-                        pass
-                    finally:
-                        driver_task.cancel()
-                        await asyncio.gather(driver_task, return_exceptions=True)
-                        await stream.aclose()  # type: ignore[attr-defined]
-                if not console.is_terminal:
-                    console.print(_table(hub.latest, units, time.monotonic() - t0, "final values"))
+                    summary = await simulate(
+                        recipe, speed=speed, params=PARAMS, faults=faults, keep_dir=work / "unit",
+                        uplink_url=cs.url, progress=show,
+                        enrol=lambda unit, key: enroll_unit(store, unit, key) and None)
+                report = verify_path(summary.journal, summary.public_key)
+                unit = store.unit("unit-sim-01")
+                stored = unit.head_seq if unit else 0
         finally:
-            sim.terminate()
-            await sim.wait()
-        console.print(
-            "[bold green]demo complete[/]: the simulated unit ran, the drivers watched "
-            "it, set-points were followed and an out-of-limits write was refused."
-        )
+            store.close()
+        console.print(f"\nrun {summary.run}: [bold]{summary.state}[/] after "
+                      f"{summary.simulated_days:.1f} simulated days in {summary.wall_seconds:.0f} s")
+        for hold in summary.holds:
+            console.print(f"  held at hour {hold['at_h']}: {hold['why']}")
+        console.print(f"  alarms raised: {', '.join(a['alarm'] for a in summary.alarms) or 'none'}")
+        console.print(f"  journal: {report.count} records, chain and signatures "
+                      f"{'verified' if report.ok else 'BROKEN: ' + report.reason}")
+        console.print(f"  control site: {stored} records stored and verified "
+                      f"({'all' if stored == report.head_seq else 'NOT all'} of the journal's "
+                      f"{report.head_seq})")
+        console.print(f"  files kept in {work}")
+        if summary.state != "Complete" or not report.ok or stored != report.head_seq:
+            raise typer.Exit(1)
+        console.print("[bold green]demo complete[/]")
 
-    try:
-        run_async(go())
-    except DriverError as exc:
-        fail(str(exc))
-    finally:
-        for leftover in Path(run_dir).glob("*"):
-            leftover.unlink(missing_ok=True)
+    run_async(go())

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from agent.cli import fail, run_async
+from agent.cli_common import fail, run_async
 from agent.config import UnitConfig, load_config
 from agent.devices import DeviceHub, check_write
 from agent.yamlsource import DocumentError

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import typer
 
-from agent.cli import fail, run_async
+from agent.cli_common import fail, run_async
 
 run_app = typer.Typer(help="Start and command the unit's run (through the agent's local API).",
                       no_args_is_help=True)

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import httpx
 import typer
 
-from agent.cli import fail, run_async
+from agent.cli_common import fail, run_async
 from agent.config import ModbusDevice, OpcUaDevice, SerialDevice, UnitConfig, default_config_path
 from agent.yamlsource import DocumentError
 from drivers.clock import ScaledClock

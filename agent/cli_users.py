@@ -40,13 +40,13 @@ ROLES = typer.Option(..., "--role", help="a role (repeat for several); see `beds
 
 
 def _fail(message: str) -> NoReturn:
-    from agent.cli import fail  # late: agent.cli imports this module while registering
+    from agent.cli_common import fail
 
     fail(message)
 
 
 def _run(work: Callable[[Authenticator], Awaitable[T]], state_dir: Path) -> T:
-    from agent.cli import run_async
+    from agent.cli_common import run_async
     from drivers.clock import SystemClock
 
     auth = Authenticator(UserStore.in_dir(state_dir), SystemClock(), AuditOutbox.in_dir(state_dir))

@@ -225,7 +225,8 @@ class PhaseRunner:
         role, method = phase.method.split(".", 1)
         device = self.env.device(role)
         outputs: dict[str, Any] = {}
-        if "called" not in self.memory.steps.get(key, []):
+        called_now = "called" not in self.memory.steps.get(key, [])
+        if called_now:
             # journaled before the call: after a crash the call is never repeated
             await self.e.event({"event": "phase_step", "key": key, "step": "called"})
             args = [self.env.plain(a) for a in phase.args]
@@ -235,8 +236,16 @@ class PhaseRunner:
             self.memory.outputs[phase.id] = outputs
         if phase.until is None:
             return outputs
+        # the device's state before the call (e.g. "complete" from the previous program) must
+        # not end this phase: judge only readings taken after the call
+        # (after a hold or a crash the call was made before: any reading will do)
+        called_at = self.clock.now()
+        watched = [self.env.tag(n) for n in phase.until.names() if _is_tag(n)] if called_now else []
 
         def finished() -> bool | None:
+            if any((s := self.e.hub.latest.get(t)) is None or s.agent_time <= called_at
+                   for t in watched):
+                return None
             if phase.fail_if is not None and self.env.test(phase.fail_if):
                 raise HoldRequest("engine", f"phase {phase.id}: {phase.fail_if.source}")
             return self.env.test(phase.until)
@@ -297,6 +306,10 @@ class PhaseRunner:
             return await self.e.prompts.ask(key, phase)
         self.e.prompts.expect_results(key, phase)
         return {}
+
+
+def _is_tag(name: str) -> bool:
+    return name.split(".", 1)[0] not in ("param", "phase", "run")
 
 
 def _num(value: Any) -> float:

@@ -30,11 +30,12 @@ from typing import Any
 import structlog
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
+from agent.api import create_api
+from agent.audit_outbox import AuditOutbox
+from agent.auth import Authenticator, UserStore
 from agent.config import UnitConfig
+from agent.runs import RunManager, RunRefused
 from agent.devices import DeviceHub
 from agent.journal import Journal
 from agent.keys import UnitKey, load_unit_key
@@ -73,6 +74,8 @@ class AgentService:
         self.uplink: Uplink | None = None
         self.hub: DeviceHub | None = None
         self.recorder: Recorder | None = None
+        self.runs: RunManager | None = None
+        self.authenticator: Authenticator | None = None
         self._low_disk = False
         self._alarm_journaled = False  # the state of the low_disk alarm last journaled
         self.ready = asyncio.Event()
@@ -112,15 +115,15 @@ class AgentService:
                 or ["no data yet"]
                 for name in self.hub.drivers
             }
+        if self.runs and self.runs.engine:
+            eng = self.runs.engine
+            out["run"] = {"run": eng.run, "state": eng.sm.state.value, "phase": eng.memory.current}
         if self.recorder:
             out["recorder"] = {"offered": self.recorder.offered, "recorded": self.recorder.recorded}
         return out
 
     def _api(self) -> Starlette:
-        async def status(_: Request) -> JSONResponse:
-            return JSONResponse(self.status())
-
-        return Starlette(routes=[Route("/api/v1/status", status, methods=["GET"])])
+        return create_api(self.status, self.runs, self.authenticator)
 
     async def _record(self, hub: DeviceHub, recorder: Recorder) -> None:
         async for sample in hub.observe(list(self.config.all_tags())):
@@ -255,8 +258,19 @@ class AgentService:
                     Kind.EVENT, {"event": "agent_started", "devices": sorted(self.config.devices)}
                 )
                 await self._check_disk(journal)
+                self.authenticator = Authenticator(
+                    UserStore.in_dir(s.state_dir), self.clock,
+                    lambda kind, body: journal.append(kind, body))
+                await AuditOutbox.in_dir(s.state_dir).drain(journal.append)
                 try:
                     async with asyncio.TaskGroup() as tg:
+                        self.runs = RunManager(self.config, hub, journal, self.clock,
+                                               tg.create_task, authenticator=self.authenticator,
+                                               low_disk=lambda: self.low_disk)
+                        try:
+                            await self.runs.recover()
+                        except RunRefused as exc:
+                            log.error("run_recovery_failed", error=str(exc))
                         tg.create_task(self._record(hub, recorder), name="record")
                         tg.create_task(self._tick(recorder, journal), name="tick")
                         tg.create_task(self._prune(journal), name="prune")

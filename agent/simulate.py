@@ -34,7 +34,8 @@ from agent.recipe_model import Input, PromptPhase
 from agent.recorder import Recorder
 from agent.runs import RunManager
 from agent.states import RunState
-from drivers.clock import ScaledClock
+from agent.uplink import Uplink
+from drivers.clock import ScaledClock, SystemClock
 
 log = structlog.get_logger(__name__)
 
@@ -91,6 +92,8 @@ class Summary:
     final: dict[str, Any] = field(default_factory=dict)
     journal: str = ""
     records: int = 0
+    public_key: str = ""
+    uplink: dict[str, Any] = field(default_factory=dict)
 
 
 def _free_port() -> int:
@@ -126,9 +129,15 @@ async def simulate(
     seed: int = 0,
     keep_dir: Path | None = None,
     timeout_wall: float = 1800.0,
-    progress: Callable[[Engine], None] | None = None,
+    progress: Callable[[Engine, dict[str, Any]], None] | None = None,
+    uplink_url: str | None = None,
+    enrol: Callable[[str, str], None] | None = None,
 ) -> Summary:
-    """Run ``recipe`` to its end against the simulated unit; returns what happened."""
+    """Run ``recipe`` to its end against the simulated unit; returns what happened.
+
+    With ``uplink_url`` the journal is also forwarded to that control site (``enrol(unit,
+    public_key)`` is called first); the simulated run is then a full end-to-end demonstration.
+    """
     from simulators.unit import SimulatedUnit  # the composition root's privilege
 
     from agent.cli_sim import sim_endpoints
@@ -146,8 +155,12 @@ async def simulate(
     summary = Summary(journal=str(work / "journal.db"))
     passwords = {name: secrets.token_urlsafe(16) + "aA1!" for name in ["sim-admin", *SIM_USERS]}
     wall0 = asyncio.get_running_loop().time()
+    key = UnitKey.generate()
+    summary.public_key = key.public_key.b64
+    if enrol is not None:
+        enrol(config.unit.id, key.public_key.b64)
     async with SimulatedUnit(clock, endpoints, seed=seed) as unit, Journal.open(
-        work / "journal.db", unit=config.unit.id, signer=UnitKey.generate(), clock=clock
+        work / "journal.db", unit=config.unit.id, signer=key, clock=clock
     ) as journal:
         store = UserStore.in_dir(work, hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
         auth = Authenticator(store, clock, lambda kind, body: journal.append(kind, body))
@@ -165,6 +178,11 @@ async def simulate(
                         recorder.offer((sample,))
 
                 recording = tg.create_task(record())
+                uplink = None
+                if uplink_url:
+                    # network timing is wall time, whatever the process clock's speed
+                    uplink = Uplink(journal, uplink_url, unit_key=key, clock=SystemClock())
+                    uplinking = tg.create_task(uplink.run())
                 await asyncio.sleep(0.5)  # first readings of every tag
                 runs = RunManager(config, hub, journal, clock, tg.create_task, authenticator=auth)
                 engine = await runs.start(recipe, params, who="sim-operator", why="simulation")
@@ -176,7 +194,7 @@ async def simulate(
                         await asyncio.sleep(0.05)
                         recorder.tick()
                         if progress:
-                            progress(engine)
+                            progress(engine, uplink.status() if uplink else {})
                         now = engine.elapsed()
                         for plan in [p for p in pending if p.at <= now]:
                             pending.remove(plan)
@@ -195,6 +213,15 @@ async def simulate(
                 summary.simulated_days = engine.elapsed() / 86400
                 await engine.command("reset", who="sim-supervisor", why="simulation finished")
                 recording.cancel()
+                if uplink is not None:
+                    await journal.flush()
+                    async with asyncio.timeout(60):  # the backlog drains within seconds
+                        while uplink.status()["backlog"] > 0:
+                            if progress:
+                                progress(engine, uplink.status())
+                            await asyncio.sleep(0.1)
+                    summary.uplink = uplink.status()
+                    uplinking.cancel()
         finally:
             await hub.close()
         summary.final = {t: s.value for t, s in sorted(hub.latest.items())
