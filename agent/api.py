@@ -61,8 +61,9 @@ def _view(obj: Any) -> Any:
     return obj
 
 
-def create_api(status: Callable[[], dict[str, Any]], runs: RunManager | None,
-               authenticator: Any) -> Starlette:
+def create_api(
+    status: Callable[[], dict[str, Any]], runs: RunManager | None, authenticator: Any
+) -> Starlette:
     """The ASGI app of the local API."""
 
     async def user(request: Request, action: Action) -> Any:
@@ -107,11 +108,13 @@ def create_api(status: Callable[[], dict[str, Any]], runs: RunManager | None,
             except (CommandRefused, RunRefused, AlarmError) as exc:
                 return JSONResponse({"error": str(exc), "problems": []}, 409)
             except DocumentError as exc:
-                return JSONResponse({"error": "invalid recipe",
-                                     "problems": [str(p) for p in exc.problems]}, 422)
+                return JSONResponse(
+                    {"error": "invalid recipe", "problems": [str(p) for p in exc.problems]}, 422
+                )
             except (BindError, ParameterError, PromptRejected) as exc:
                 problems = list(getattr(exc, "problems", []) or [str(exc)])
                 return JSONResponse({"error": type(exc).__name__, "problems": problems}, 422)
+
         return wrapper
 
     @guarded
@@ -130,8 +133,13 @@ def create_api(status: Callable[[], dict[str, Any]], runs: RunManager | None,
         data = await body(request)
         if runs is None or "recipe" not in data:
             raise ApiError(400, "give the recipe file as `recipe`")
-        eng = await runs.start(data["recipe"], data.get("params") or {}, who=who.name,
-                               why=str(data.get("why", "")), overrides=data.get("bind") or {})
+        eng = await runs.start(
+            data["recipe"],
+            data.get("params") or {},
+            who=who.name,
+            why=str(data.get("why", "")),
+            overrides=data.get("bind") or {},
+        )
         return JSONResponse({"run": eng.run, "state": eng.sm.state.value})
 
     @guarded
@@ -150,9 +158,12 @@ def create_api(status: Callable[[], dict[str, Any]], runs: RunManager | None,
     async def answer(request: Request) -> JSONResponse:
         who = await user(request, Action.PROMPT_ANSWER)
         data = await body(request)
-        accepted = await engine().prompts.answer(str(data.get("phase", "")),
-                                                 data.get("inputs") or {},
-                                                 data.get("signatures") or [], who.name)
+        accepted = await engine().prompts.answer(
+            str(data.get("phase", "")),
+            data.get("inputs") or {},
+            data.get("signatures") or [],
+            who.name,
+        )
         return JSONResponse({"accepted": accepted})
 
     @guarded
@@ -163,8 +174,9 @@ def create_api(status: Callable[[], dict[str, Any]], runs: RunManager | None,
     async def ack(request: Request) -> JSONResponse:
         who = await user(request, Action.ALARM_ACKNOWLEDGE)
         data = await body(request)
-        view = await engine().alarms.acknowledge(str(data.get("alarm")), who.name,
-                                                 str(data.get("reason", "")))
+        view = await engine().alarms.acknowledge(
+            str(data.get("alarm")), who.name, str(data.get("reason", ""))
+        )
         return JSONResponse(_view(view))
 
     @guarded
@@ -175,17 +187,20 @@ def create_api(status: Callable[[], dict[str, Any]], runs: RunManager | None,
             minutes = float(data.get("minutes", 0))
         except (TypeError, ValueError):
             raise ApiError(400, "minutes must be a number") from None
-        view = await engine().alarms.shelve(str(data.get("alarm")), who.name,
-                                            str(data.get("reason", "")), minutes * 60)
+        view = await engine().alarms.shelve(
+            str(data.get("alarm")), who.name, str(data.get("reason", "")), minutes * 60
+        )
         return JSONResponse(_view(view))
 
-    return Starlette(routes=[
-        Route("/api/v1/status", get_status, methods=["GET"]),
-        Route("/api/v1/run", get_run, methods=["GET"]),
-        Route("/api/v1/run/start", start, methods=["POST"]),
-        Route("/api/v1/run/command", command, methods=["POST"]),
-        Route("/api/v1/run/answer", answer, methods=["POST"]),
-        Route("/api/v1/alarms", alarms, methods=["GET"]),
-        Route("/api/v1/alarms/ack", ack, methods=["POST"]),
-        Route("/api/v1/alarms/shelve", shelve, methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/api/v1/status", get_status, methods=["GET"]),
+            Route("/api/v1/run", get_run, methods=["GET"]),
+            Route("/api/v1/run/start", start, methods=["POST"]),
+            Route("/api/v1/run/command", command, methods=["POST"]),
+            Route("/api/v1/run/answer", answer, methods=["POST"]),
+            Route("/api/v1/alarms", alarms, methods=["GET"]),
+            Route("/api/v1/alarms/ack", ack, methods=["POST"]),
+            Route("/api/v1/alarms/shelve", shelve, methods=["POST"]),
+        ]
+    )

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from agent.cli_common import fail, run_async
+from agent.cli_common import fail
 from agent.logging import configure_logging
 
 app = typer.Typer(

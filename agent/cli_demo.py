@@ -10,7 +10,6 @@ At the end the journal is verified offline and compared with what the control si
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import tempfile
 from pathlib import Path
@@ -24,10 +23,26 @@ from rich.table import Table
 from agent.cli_common import fail, run_async
 
 RECIPE = Path("recipes/cart-expansion.yaml")
-PARAMS = {"coi_id": "COI-240117", "donation_id": "W123425000117", "patient_weight": "72",
-          "target_dose": "2e8"}
-SHOWN = ["temperature", "dissolved_oxygen", "ph", "viable_cell_density", "viability", "glucose",
-         "lactate", "volume", "perfusion_sp", "rocking_sp", "cp_state", "bag_weight"]
+PARAMS = {
+    "coi_id": "COI-240117",
+    "donation_id": "W123425000117",
+    "patient_weight": "72",
+    "target_dose": "2e8",
+}
+SHOWN = [
+    "temperature",
+    "dissolved_oxygen",
+    "ph",
+    "viable_cell_density",
+    "viability",
+    "glucose",
+    "lactate",
+    "volume",
+    "perfusion_sp",
+    "rocking_sp",
+    "cp_state",
+    "bag_weight",
+]
 
 
 def _free_port() -> int:
@@ -41,8 +56,10 @@ def _free_port() -> int:
 def _table(engine: Any, uplink: dict[str, Any]) -> Table:
     day = engine.elapsed() / 86400
     alarms = [a.id for a in engine.alarms.active() if a.active]
-    t = Table(title=f"Bedside demo | {engine.recipe.title} | day {day:5.2f} | "
-                    f"{engine.sm.state.value}", expand=False)
+    t = Table(
+        title=f"Bedside demo | {engine.recipe.title} | day {day:5.2f} | {engine.sm.state.value}",
+        expand=False,
+    )
     t.add_column("what")
     t.add_column("value", justify="right")
     t.add_row("phase", str(engine.memory.current or "-"))
@@ -50,14 +67,30 @@ def _table(engine: Any, uplink: dict[str, Any]) -> Table:
     t.add_row("active alarms", ", ".join(alarms) or "none")
     for tag in SHOWN:
         s = engine.hub.latest.get(tag)
-        v = "" if s is None else (f"{s.value:,.3g}" if isinstance(s.value, float) and
-                                  abs(s.value) >= 1e4 else f"{s.value:.2f}"
-                                  if isinstance(s.value, float) else str(s.value))
+        v = (
+            ""
+            if s is None
+            else (
+                f"{s.value:,.3g}"
+                if isinstance(s.value, float) and abs(s.value) >= 1e4
+                else f"{s.value:.2f}"
+                if isinstance(s.value, float)
+                else str(s.value)
+            )
+        )
         t.add_row(tag, v)
     if uplink:
-        t.add_row("uplink", f"{uplink.get('link')} | acked {uplink.get('acked_seq')} | "
-                            f"backlog {uplink.get('backlog')}")
+        t.add_row(
+            "uplink",
+            f"{uplink.get('link')} | acked {uplink.get('acked_seq')} | "
+            f"backlog {uplink.get('backlog')}",
+        )
     return t
+
+
+def _enrol(store: Any, unit: str, key: str) -> None:
+
+    enroll_unit(store, unit, key)
 
 
 def demo(
@@ -81,10 +114,13 @@ def demo(
     async def go() -> None:
         store = open_store(str(work / "control-site.db"))
         try:
-            async with ControlSiteServer(store, api_token=secrets.token_urlsafe(16),
-                                         port=_free_port()) as cs:
-                console.print(f"[bold]Bedside demo[/]: control site at {cs.url}, simulated unit at "
-                              f"{speed:g}x, recipe {recipe}")
+            async with ControlSiteServer(
+                store, api_token=secrets.token_urlsafe(16), port=_free_port()
+            ) as cs:
+                console.print(
+                    f"[bold]Bedside demo[/]: control site at {cs.url}, simulated unit at "
+                    f"{speed:g}x, recipe {recipe}"
+                )
                 live = Live(console=console, refresh_per_second=4, transient=False)
 
                 def show(engine: Any, uplink: dict[str, Any]) -> None:
@@ -92,24 +128,36 @@ def demo(
 
                 with live:
                     summary = await simulate(
-                        recipe, speed=speed, params=PARAMS, faults=faults, keep_dir=work / "unit",
-                        uplink_url=cs.url, progress=show,
-                        enrol=lambda unit, key: enroll_unit(store, unit, key) and None)
+                        recipe,
+                        speed=speed,
+                        params=PARAMS,
+                        faults=faults,
+                        keep_dir=work / "unit",
+                        uplink_url=cs.url,
+                        progress=show,
+                        enrol=lambda unit, key: _enrol(store, unit, key),
+                    )
                 report = verify_path(summary.journal, summary.public_key)
                 unit = store.unit("unit-sim-01")
                 stored = unit.head_seq if unit else 0
         finally:
             store.close()
-        console.print(f"\nrun {summary.run}: [bold]{summary.state}[/] after "
-                      f"{summary.simulated_days:.1f} simulated days in {summary.wall_seconds:.0f} s")
+        console.print(
+            f"\nrun {summary.run}: [bold]{summary.state}[/] after "
+            f"{summary.simulated_days:.1f} simulated days in {summary.wall_seconds:.0f} s"
+        )
         for hold in summary.holds:
             console.print(f"  held at hour {hold['at_h']}: {hold['why']}")
         console.print(f"  alarms raised: {', '.join(a['alarm'] for a in summary.alarms) or 'none'}")
-        console.print(f"  journal: {report.count} records, chain and signatures "
-                      f"{'verified' if report.ok else 'BROKEN: ' + report.reason}")
-        console.print(f"  control site: {stored} records stored and verified "
-                      f"({'all' if stored == report.head_seq else 'NOT all'} of the journal's "
-                      f"{report.head_seq})")
+        console.print(
+            f"  journal: {report.count} records, chain and signatures "
+            f"{'verified' if report.ok else 'BROKEN: ' + report.reason}"
+        )
+        console.print(
+            f"  control site: {stored} records stored and verified "
+            f"({'all' if stored == report.head_seq else 'NOT all'} of the journal's "
+            f"{report.head_seq})"
+        )
         console.print(f"  files kept in {work}")
         if summary.state != "Complete" or not report.ok or stored != report.head_seq:
             raise typer.Exit(1)

@@ -18,13 +18,16 @@ import typer
 
 from agent.cli_common import fail, run_async
 
-run_app = typer.Typer(help="Start and command the unit's run (through the agent's local API).",
-                      no_args_is_help=True)
-alarms_app = typer.Typer(help="The run's alarms: list, acknowledge, shelve.",
-                         invoke_without_command=True)
+run_app = typer.Typer(
+    help="Start and command the unit's run (through the agent's local API).", no_args_is_help=True
+)
+alarms_app = typer.Typer(
+    help="The run's alarms: list, acknowledge, shelve.", invoke_without_command=True
+)
 
-API = typer.Option(os.environ.get("BEDSIDE_API", "http://127.0.0.1:8780"), "--api",
-                   help="the agent's local API")
+API = typer.Option(
+    os.environ.get("BEDSIDE_API", "http://127.0.0.1:8780"), "--api", help="the agent's local API"
+)
 USER = typer.Option(os.environ.get("BEDSIDE_USER", ""), "--user", help="your user name")
 WHY = typer.Option("", "--why", help="the reason, for the audit trail")
 
@@ -41,11 +44,14 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 def _password(user: str) -> str:
     env = os.environ.get(f"BEDSIDE_PASSWORD_{user.upper().replace('-', '_')}") or os.environ.get(
-        "BEDSIDE_PASSWORD")
+        "BEDSIDE_PASSWORD"
+    )
     return env if env is not None else getpass.getpass(f"password for {user}: ")
 
 
-def _call(api: str, method: str, path: str, user: str = "", body: dict[str, Any] | None = None) -> Any:
+def _call(
+    api: str, method: str, path: str, user: str = "", body: dict[str, Any] | None = None
+) -> Any:
     auth = None
     if method == "POST":
         if not user:
@@ -64,12 +70,21 @@ def _call(api: str, method: str, path: str, user: str = "", body: dict[str, Any]
 
 
 @run_app.command("start")
-def start(recipe: Path, param: list[str] = typer.Option(None, "--param", help="name=value"),
-          bind: list[str] = typer.Option(None, "--bind", help="role=device"),
-          api: str = API, user: str = USER, why: str = WHY) -> None:
+def start(
+    recipe: Path,
+    param: list[str] = typer.Option(None, "--param", help="name=value"),
+    bind: list[str] = typer.Option(None, "--bind", help="role=device"),
+    api: str = API,
+    user: str = USER,
+    why: str = WHY,
+) -> None:
     """Start a run of RECIPE with its parameters."""
-    body = {"recipe": str(recipe.resolve()), "params": _pairs(param, "--param"),
-            "bind": _pairs(bind, "--bind"), "why": why}
+    body = {
+        "recipe": str(recipe.resolve()),
+        "params": _pairs(param, "--param"),
+        "bind": _pairs(bind, "--bind"),
+        "why": why,
+    }
     typer.echo(json.dumps(_call(api, "POST", "/api/v1/run/start", user, body)))
 
 
@@ -81,8 +96,12 @@ def status(api: str = API) -> None:
 
 def _command(name: str) -> Any:
     def command(api: str = API, user: str = USER, why: str = WHY) -> None:
-        typer.echo(json.dumps(_call(api, "POST", "/api/v1/run/command", user,
-                                    {"command": name, "why": why})))
+        typer.echo(
+            json.dumps(
+                _call(api, "POST", "/api/v1/run/command", user, {"command": name, "why": why})
+            )
+        )
+
     command.__doc__ = f"Send the {name} command to the run."
     return command
 
@@ -92,12 +111,18 @@ for _name in ("hold", "restart", "pause", "resume", "stop", "abort", "reset"):
 
 
 @run_app.command("answer")
-def answer(phase: str, input_: list[str] = typer.Option(None, "--input", help="name=value"),
-           sign: list[str] = typer.Option(None, "--sign", help="meaning=user (performed=alice)"),
-           api: str = API, user: str = USER) -> None:
+def answer(
+    phase: str,
+    input_: list[str] = typer.Option(None, "--input", help="name=value"),
+    sign: list[str] = typer.Option(None, "--sign", help="meaning=user (performed=alice)"),
+    api: str = API,
+    user: str = USER,
+) -> None:
     """Answer the open prompt of PHASE (or enter a sample's results), with its signatures."""
-    sigs = [{"meaning": m, "user": u, "password": _password(u)}
-            for m, u in _pairs(sign, "--sign").items()]
+    sigs = [
+        {"meaning": m, "user": u, "password": _password(u)}
+        for m, u in _pairs(sign, "--sign").items()
+    ]
     body = {"phase": phase, "inputs": _pairs(input_, "--input"), "signatures": sigs}
     typer.echo(json.dumps(_call(api, "POST", "/api/v1/run/answer", user, body)))
 
@@ -110,19 +135,37 @@ def alarms_list(ctx: typer.Context, api: str = API) -> None:
 
 
 @alarms_app.command("ack")
-def ack(alarm: str, reason: str = typer.Option(..., "--reason"), api: str = API,
-        user: str = USER) -> None:
+def ack(
+    alarm: str, reason: str = typer.Option(..., "--reason"), api: str = API, user: str = USER
+) -> None:
     """Acknowledge an alarm (audited with your reason)."""
-    typer.echo(json.dumps(_call(api, "POST", "/api/v1/alarms/ack", user,
-                                {"alarm": alarm, "reason": reason})))
+    typer.echo(
+        json.dumps(
+            _call(api, "POST", "/api/v1/alarms/ack", user, {"alarm": alarm, "reason": reason})
+        )
+    )
 
 
 @alarms_app.command("shelve")
-def shelve(alarm: str, reason: str = typer.Option(..., "--reason"),
-           minutes: float = typer.Option(60, "--minutes"), api: str = API, user: str = USER) -> None:
+def shelve(
+    alarm: str,
+    reason: str = typer.Option(..., "--reason"),
+    minutes: float = typer.Option(60, "--minutes"),
+    api: str = API,
+    user: str = USER,
+) -> None:
     """Shelve an alarm for a limited time (never a critical one; audited)."""
-    typer.echo(json.dumps(_call(api, "POST", "/api/v1/alarms/shelve", user,
-                                {"alarm": alarm, "reason": reason, "minutes": minutes})))
+    typer.echo(
+        json.dumps(
+            _call(
+                api,
+                "POST",
+                "/api/v1/alarms/shelve",
+                user,
+                {"alarm": alarm, "reason": reason, "minutes": minutes},
+            )
+        )
+    )
 
 
 def simulate(
@@ -130,15 +173,18 @@ def simulate(
     speed: float = typer.Option(10000, "--speed", help="simulated seconds per wall second"),
     param: list[str] = typer.Option(None, "--param", help="name=value"),
     answer_: list[str] = typer.Option(None, "--answer", help="phase.input=value for prompts"),
-    fault: list[str] = typer.Option(None, "--fault",
-                                    help="target.field=value@time[+duration], e.g. "
-                                         "bioreactor.heater_failed=true@2d+6h"),
+    fault: list[str] = typer.Option(
+        None,
+        "--fault",
+        help="target.field=value@time[+duration], e.g. bioreactor.heater_failed=true@2d+6h",
+    ),
     seed: int = typer.Option(0, "--seed"),
     keep: Path = typer.Option(None, "--keep", help="keep the journal in this folder"),
 ) -> None:
     """Dry-run a recipe against the simulated unit at accelerated time and print a summary."""
     from agent.recipe_loader import BindError, ParameterError
-    from agent.simulate import FaultPlan, simulate as run_simulation
+    from agent.simulate import FaultPlan
+    from agent.simulate import simulate as run_simulation
     from agent.yamlsource import DocumentError
 
     try:
@@ -146,9 +192,17 @@ def simulate(
     except ValueError as exc:
         fail(str(exc))
     try:
-        summary = run_async(run_simulation(recipe, speed=speed, params=_pairs(param, "--param"),
-                                           answers=_pairs(answer_, "--answer"), faults=plans,
-                                           seed=seed, keep_dir=keep))
+        summary = run_async(
+            run_simulation(
+                recipe,
+                speed=speed,
+                params=_pairs(param, "--param"),
+                answers=_pairs(answer_, "--answer"),
+                faults=plans,
+                seed=seed,
+                keep_dir=keep,
+            )
+        )
     except DocumentError as exc:
         for p in exc.problems:
             typer.echo(f"bedside: error: {p}", err=True)

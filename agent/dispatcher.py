@@ -82,14 +82,29 @@ class Dispatcher:
         """
         dev, definition = self.hub.config.tag(tag)
         last = self.latest(tag)
-        body = {"action": "write", "tag": tag, "value": value, "old": last.value if last else None,
-                "unit": definition.unit, "who": who, "why": why, "phase": phase}
+        body = {
+            "action": "write",
+            "tag": tag,
+            "value": value,
+            "old": last.value if last else None,
+            "unit": definition.unit,
+            "who": who,
+            "why": why,
+            "phase": phase,
+        }
         await self._audit(body)
         try:
             sent = await self.hub.write(tag, value)
         except DriverError as exc:
-            await self._audit({"action": "write_failed", "tag": tag, "value": value,
-                               "error": str(exc), "phase": phase})
+            await self._audit(
+                {
+                    "action": "write_failed",
+                    "tag": tag,
+                    "value": value,
+                    "error": str(exc),
+                    "phase": phase,
+                }
+            )
             raise
         if not confirm:
             return sent
@@ -99,29 +114,74 @@ class Dispatcher:
             sample = (await self.hub.read([tag]))[tag]
             back = sample.value
             if sample.quality is Quality.GOOD and _matches(sent, back, tol):
-                await self._audit({"action": "write_confirmed", "tag": tag, "value": sent,
-                                   "read_back": back, "phase": phase})
+                await self._audit(
+                    {
+                        "action": "write_confirmed",
+                        "tag": tag,
+                        "value": sent,
+                        "read_back": back,
+                        "phase": phase,
+                    }
+                )
                 return sent
             await self.clock.sleep(0.2 * self.clock.speed)  # ~0.2 s of wall time
-        await self._audit({"action": "write_unconfirmed", "tag": tag, "value": sent,
-                           "read_back": back, "phase": phase})
-        raise ReadBackMismatch(dev, f"tag {tag!r}: wrote {sent!r} but the device reads back {back!r}")
+        await self._audit(
+            {
+                "action": "write_unconfirmed",
+                "tag": tag,
+                "value": sent,
+                "read_back": back,
+                "phase": phase,
+            }
+        )
+        raise ReadBackMismatch(
+            dev, f"tag {tag!r}: wrote {sent!r} but the device reads back {back!r}"
+        )
 
     async def call(
-        self, device: str, method: str, args: Sequence[Value], *, who: str, why: str,
+        self,
+        device: str,
+        method: str,
+        args: Sequence[Value],
+        *,
+        who: str,
+        why: str,
         phase: str | None = None,
     ) -> list[Value]:
         """Call a device method, journaled before and after."""
-        await self._audit({"action": "call", "device": device, "method": method,
-                           "args": list(args), "who": who, "why": why, "phase": phase})
+        await self._audit(
+            {
+                "action": "call",
+                "device": device,
+                "method": method,
+                "args": list(args),
+                "who": who,
+                "why": why,
+                "phase": phase,
+            }
+        )
         try:
             outputs = await self.hub.call(device, method, *args)
         except DriverError as exc:
-            await self._audit({"action": "call_failed", "device": device, "method": method,
-                               "error": str(exc), "phase": phase})
+            await self._audit(
+                {
+                    "action": "call_failed",
+                    "device": device,
+                    "method": method,
+                    "error": str(exc),
+                    "phase": phase,
+                }
+            )
             raise
-        await self._audit({"action": "call_result", "device": device, "method": method,
-                           "outputs": [_jsonable(o) for o in outputs], "phase": phase})
+        await self._audit(
+            {
+                "action": "call_result",
+                "device": device,
+                "method": method,
+                "outputs": [_jsonable(o) for o in outputs],
+                "phase": phase,
+            }
+        )
         return outputs
 
 

@@ -25,7 +25,6 @@ for an operator's restart; completed phases are never executed again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +39,7 @@ from agent.journal import Journal
 from agent.monitors import Action, Change, Monitor, MonitorSet
 from agent.phases import AbortRequest, HoldRequest, PhaseRunner
 from agent.prompts import Prompts
-from agent.recipe_model import Operation, Recipe
+from agent.recipe_model import Operation, Recipe, SetAction
 from agent.records import Kind
 from agent.runstate import RunMemory
 from agent.states import CommandRefused, ProcedureStateMachine, RunState
@@ -90,13 +89,17 @@ class Engine:
         self.scan_seconds = scan_seconds or max(1.0, 0.1 * clock.speed)
         self.dispatcher = Dispatcher(hub, journal, clock, run=self.run)
         self._t0 = clock.monotonic() - memory.elapsed_run
-        self.env = RunEnv(recipe, config, memory.binding, memory.params, hub.latest,
-                          memory.outputs, self.elapsed)
+        self.env = RunEnv(
+            recipe, config, memory.binding, memory.params, hub.latest, memory.outputs, self.elapsed
+        )
         self.alarms = AlarmManager(clock, self._sink)
         self.prompts = Prompts(self, authenticator)
         self.sm = ProcedureStateMachine(
             initial=RunState(memory.state) if memory.state else RunState.IDLE,
-            on_transition=self._on_transition, on_refused=self._on_refused, run=self.run)
+            on_transition=self._on_transition,
+            on_refused=self._on_refused,
+            run=self.run,
+        )
         self.monitors = self._build_monitors()
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._runner: asyncio.Task[None] | None = None
@@ -119,16 +122,34 @@ class Engine:
     async def _sink(self, kind: str, body: dict[str, Any]) -> None:
         await self.journal.append(kind, body, run=self.run)
 
-    async def _on_transition(self, old: RunState, new: RunState, command: str, who: str,
-                             why: str) -> None:
-        await self.event({"event": "run_state", "old": old.value, "new": new.value,
-                          "command": command, "who": who, "why": why})
+    async def _on_transition(
+        self, old: RunState, new: RunState, command: str, who: str, why: str
+    ) -> None:
+        await self.event(
+            {
+                "event": "run_state",
+                "old": old.value,
+                "new": new.value,
+                "command": command,
+                "who": who,
+                "why": why,
+            }
+        )
         await self.journal.checkpoint(f"run {self.run}: {old.value} -> {new.value}")
 
     async def _on_refused(self, error: CommandRefused) -> None:
-        await self.journal.append(Kind.AUDIT, {
-            "action": "command_refused", "command": str(error.command), "state": error.state.value,
-            "reason": error.reason, "who": error.who, "why": error.why}, run=self.run)
+        await self.journal.append(
+            Kind.AUDIT,
+            {
+                "action": "command_refused",
+                "command": str(error.command),
+                "state": error.state.value,
+                "reason": error.reason,
+                "who": error.who,
+                "why": error.why,
+            },
+            run=self.run,
+        )
 
     # ------------------------------------------------------------------ commands
     async def command(self, command: str, *, who: str, why: str = "") -> RunState:
@@ -136,7 +157,8 @@ class Engine:
         allowed now (the refusal is journaled)."""
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Request(command, who, why, reply))
-        return await reply  # type: ignore[no-any-return]
+        state: RunState = await reply
+        return state
 
     def request(self, command: str, who: str, why: str) -> None:
         """Ask for a command from inside the engine (phases, monitors); never waits."""
@@ -152,8 +174,9 @@ class Engine:
             if self.recovered:
                 await self._recover()
             elif self.sm.state is RunState.IDLE:
-                await self._handle(_Request("start", self.memory.started_by or "operator",
-                                            "run started"))
+                await self._handle(
+                    _Request("start", self.memory.started_by or "operator", "run started")
+                )
             while True:
                 req = await self._queue.get()
                 await self._handle(req)
@@ -206,10 +229,25 @@ class Engine:
         """Come back Held after a crash: whatever state the journal last showed."""
         before = self.sm.state
         self.sm.restore(RunState.HELD)
-        await self.event({"event": "run_recovered", "old": before.value, "new": "Held",
-                          "current_phase": self.memory.current, "completed": len(self.memory.completed)})
-        await self.event({"event": "run_state", "old": before.value, "new": "Held",
-                          "command": "recover", "who": "engine", "why": "agent restarted"})
+        await self.event(
+            {
+                "event": "run_recovered",
+                "old": before.value,
+                "new": "Held",
+                "current_phase": self.memory.current,
+                "completed": len(self.memory.completed),
+            }
+        )
+        await self.event(
+            {
+                "event": "run_state",
+                "old": before.value,
+                "new": "Held",
+                "command": "recover",
+                "who": "engine",
+                "why": "agent restarted",
+            }
+        )
         await self.journal.checkpoint(f"run {self.run}: recovered Held")
         self.log.warning("run_recovered_held", before=before.value, phase=self.memory.current)
         if before not in FINAL:
@@ -222,11 +260,11 @@ class Engine:
             for index, operation in enumerate(self.recipe.procedure):
                 self._operation = operation
                 await runner.block(operation.phases, str(index))
+        except AbortRequest as req:  # before HoldRequest: it is a subclass
+            self.request("abort", req.who, req.why)
+            return
         except HoldRequest as req:
             self.request("hold", req.who, req.why)
-            return
-        except AbortRequest as req:
-            self.request("abort", req.who, req.why)
             return
         except DriverError as exc:
             await self.event({"event": "device_error", "error": str(exc)})
@@ -248,16 +286,18 @@ class Engine:
         others are still applied."""
         for action in self.recipe.hold_actions:
             try:
-                if hasattr(action, "set"):
+                if isinstance(action, SetAction):
                     tag = self.env.tag(action.set)
                     value = self.env.plain(action.value)
-                    await self.dispatcher.write(tag, value, who="engine", why="hold action",
-                                                confirm=confirm)
+                    await self.dispatcher.write(
+                        tag, value, who="engine", why="hold action", confirm=confirm
+                    )
                 else:
                     role, method = action.call.split(".", 1)
                     args = [self.env.plain(a) for a in action.args]
-                    await self.dispatcher.call(self.env.device(role), method, args,
-                                               who="engine", why="hold action")
+                    await self.dispatcher.call(
+                        self.env.device(role), method, args, who="engine", why="hold action"
+                    )
             except (DriverError, LookupError) as exc:
                 self.log.error("hold_action_failed", action=str(action), error=str(exc))
                 await self.event({"event": "hold_action_failed", "error": str(exc)})
@@ -268,19 +308,25 @@ class Engine:
         sets: dict[str, tuple[MonitorSet, str | None]] = {"procedure": (MonitorSet(), None)}
         defined: set[str] = set()
         scopes = [("procedure", None, self.recipe.monitors)] + [
-            (f"op:{op.operation}", op.operation, op.monitors) for op in self.recipe.procedure
-            if op.monitors]
+            (f"op:{op.operation}", op.operation, op.monitors)
+            for op in self.recipe.procedure
+            if op.monitors
+        ]
         for scope, op, specs in scopes:
             mset = sets.setdefault(scope, (MonitorSet(), op))[0]
             for spec in specs:
                 mset.add(self._monitor(spec))
                 if spec.id not in defined:  # one alarm per monitor id, whatever its scope
                     defined.add(spec.id)
-                    self.alarms.define(spec.id, Priority(spec.priority),
-                                       spec.message or f"monitor {spec.id} tripped")
+                    self.alarms.define(
+                        spec.id,
+                        Priority(spec.priority),
+                        spec.message or f"monitor {spec.id} tripped",
+                    )
         for device in sorted(set(self.memory.binding.values())):
-            self.alarms.define(f"device_lost_{device}", Priority.CRITICAL,
-                               f"device {device} stopped answering")
+            self.alarms.define(
+                f"device_lost_{device}", Priority.CRITICAL, f"device {device} stopped answering"
+            )
         return sets
 
     def _monitor(self, spec: Any) -> Monitor:
@@ -289,14 +335,24 @@ class Engine:
 
             def trip() -> bool | None:
                 return device in self._lost
+
             clear = None
         else:
+
             def trip() -> bool | None:
                 return self.env.test(spec.when)
+
             clear = (lambda: self.env.test(spec.clear)) if spec.clear is not None else None
-        return Monitor(spec.id, trip, clear, on_delay=spec.on_delay, off_delay=spec.off_delay,
-                       priority=Priority(spec.priority), action=Action(spec.action),
-                       message=spec.message)
+        return Monitor(
+            spec.id,
+            trip,
+            clear,
+            on_delay=spec.on_delay,
+            off_delay=spec.off_delay,
+            priority=Priority(spec.priority),
+            action=Action(spec.action),
+            message=spec.message,
+        )
 
     def _used_tags(self) -> dict[str, list[str]]:
         by_device: dict[str, list[str]] = {}
@@ -353,8 +409,11 @@ class Engine:
         """The run as the HMI and ``bedside run status`` show it."""
         return {
             "run": self.run,
-            "recipe": {"id": self.recipe.id, "version": self.recipe.version,
-                       "title": self.recipe.title},
+            "recipe": {
+                "id": self.recipe.id,
+                "version": self.recipe.version,
+                "title": self.recipe.title,
+            },
             "state": self.sm.state.value,
             "allowed": [c.value for c in self.sm.allowed()],
             "elapsed_s": round(self.elapsed(), 1),
@@ -362,12 +421,12 @@ class Engine:
             "phase": self.memory.current,
             "completed_phases": len(self.memory.completed),
             "prompts": self.prompts.views(),
-            "alarms": [a.as_dict() if hasattr(a, "as_dict") else str(a) for a in self.alarms.active()],
+            "alarms": [
+                a.as_dict() if hasattr(a, "as_dict") else str(a) for a in self.alarms.active()
+            ],
             "params": self.memory.params,
         }
 
 
 class _PausedAtBoundary(Exception):
     """The runner reached a phase boundary while Pausing."""
-
-

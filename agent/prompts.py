@@ -43,11 +43,21 @@ class PendingPrompt:
     def view(self) -> dict[str, Any]:
         fields = self.phase.inputs if isinstance(self.phase, PromptPhase) else self.phase.results
         return {
-            "phase": self.phase.id, "key": self.key, "kind": self.kind,
+            "phase": self.phase.id,
+            "key": self.key,
+            "kind": self.kind,
             "text": getattr(self.phase, "text", f"enter the results of sample {self.phase.id}"),
             "opened": self.opened.isoformat(),
-            "inputs": {n: {"type": i.type, "unit": i.unit, "label": i.label or n,
-                           "limits": i.limits, "pattern": i.pattern} for n, i in fields.items()},
+            "inputs": {
+                n: {
+                    "type": i.type,
+                    "unit": i.unit,
+                    "label": i.label or n,
+                    "limits": i.limits,
+                    "pattern": i.pattern,
+                }
+                for n, i in fields.items()
+            },
             "signatures": list(getattr(self.phase, "signatures", [])),
             "waiting": self.future is not None,
         }
@@ -69,8 +79,15 @@ class Prompts:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         kind = "prompt" if isinstance(phase, PromptPhase) else "sample_results"
         self.open[phase.id] = PendingPrompt(key, phase, self.e.clock.now(), fut, kind)
-        await self.e.event({"event": "prompt_opened", "key": key, "phase": phase.id,
-                            "kind": kind, "text": getattr(phase, "text", "")})
+        await self.e.event(
+            {
+                "event": "prompt_opened",
+                "key": key,
+                "phase": phase.id,
+                "kind": kind,
+                "text": getattr(phase, "text", ""),
+            }
+        )
         try:
             return await fut
         finally:
@@ -93,8 +110,9 @@ class Prompts:
         """Check and accept an answer; ``PromptRejected`` (audited) when it cannot be."""
         pending = self.open.get(phase_id)
         if pending is None:
-            raise PromptRejected([f"no open prompt for phase {phase_id!r}; open: "
-                                  f"{', '.join(self.open) or 'none'}"])
+            raise PromptRejected(
+                [f"no open prompt for phase {phase_id!r}; open: {', '.join(self.open) or 'none'}"]
+            )
         phase = pending.phase
         specs = phase.inputs if isinstance(phase, PromptPhase) else phase.results
         problems: list[str] = []
@@ -136,9 +154,11 @@ class Prompts:
                 await self._audit("signature_refused", phase_id, who, problems=[str(exc)])
                 raise PromptRejected([str(exc)]) from exc
             for sig in made:
-                await self.e.journal.append(Kind.SIGNATURE, {**sig.as_dict(), "run": self.e.run,
-                                                             "phase": phase_id, "record": record},
-                                            run=self.e.run)
+                await self.e.journal.append(
+                    Kind.SIGNATURE,
+                    {**sig.as_dict(), "run": self.e.run, "phase": phase_id, "record": record},
+                    run=self.e.run,
+                )
         await self._audit("prompt_answered", phase_id, who, inputs=typed)
         if pending.future is not None:
             pending.future.set_result(typed)
@@ -162,17 +182,25 @@ class Prompts:
             return None, f"{name}: {raw!r} is not a {spec.type}"
         if spec.pattern and not re.fullmatch(spec.pattern, str(value)):
             return None, f"{name}: {value!r} does not match {spec.pattern}"
-        if spec.limits and isinstance(value, int | float) and not (
-            spec.limits[0] <= value <= spec.limits[1]
+        if (
+            spec.limits
+            and isinstance(value, int | float)
+            and not (spec.limits[0] <= value <= spec.limits[1])
         ):
-            return None, f"{name}: {value} is outside [{spec.limits[0]}, {spec.limits[1]}] {spec.unit}"
+            return (
+                None,
+                f"{name}: {value} is outside [{spec.limits[0]}, {spec.limits[1]}] {spec.unit}",
+            )
         if spec.equals is not None:
             expected = self.e.env.plain(spec.equals)
             if value != expected:
-                return None, (f"{name}: {value!r} does not match {spec.equals.source} "
-                              f"(chain of identity check)")
+                return None, (
+                    f"{name}: {value!r} does not match {spec.equals.source} "
+                    f"(chain of identity check)"
+                )
         return value, None
 
     async def _audit(self, action: str, phase_id: str, who: str, **extra: Any) -> None:
-        await self.e.journal.append(Kind.AUDIT, {"action": action, "phase": phase_id, "who": who,
-                                                 **extra}, run=self.e.run)
+        await self.e.journal.append(
+            Kind.AUDIT, {"action": action, "phase": phase_id, "who": who, **extra}, run=self.e.run
+        )

@@ -22,9 +22,10 @@ from agent.config import UnitConfig
 from agent.devices import DeviceHub
 from agent.engine import Engine
 from agent.journal import Journal
-from agent.recipe_loader import bind, check_parameters, load_recipe
+from agent.recipe_loader import bind, check_parameters, parse_recipe
 from agent.runstate import RunMemory, last_run, load_run
 from agent.states import RunState
+from agent.yamlsource import DocumentError, Problem
 from drivers.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -78,33 +79,57 @@ class RunManager:
         (each naming every problem) when it cannot."""
         if self.active:
             assert self.engine is not None
-            raise RunRefused(f"run {self.engine.run} is {self.engine.sm.state.value}; one run per "
-                             "unit: finish it and reset it first")
+            raise RunRefused(
+                f"run {self.engine.run} is {self.engine.sm.state.value}; one run per "
+                "unit: finish it and reset it first"
+            )
         if self.low_disk():
-            raise RunRefused("the journal's disk is nearly full: no run starts until space is freed")
-        path = Path(recipe_path)
-        recipe = load_recipe(path, self.config)
+            raise RunRefused(
+                "the journal's disk is nearly full: no run starts until space is freed"
+            )
+        path = Path(recipe_path).resolve()
+        data = await asyncio.to_thread(_read, path)
+        # parsed from the very bytes that are hashed into the record
+        recipe = parse_recipe(data.decode("utf-8", "replace"), str(path), self.config)
         binding = bind(recipe, self.config, overrides)
         typed = check_parameters(recipe, params)
         run_id = f"{recipe.id}-{self.clock.now():%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
         memory = RunMemory(run_id)
         engine = self._engine(recipe, memory)
-        await engine.event({
-            "event": "run_started", "who": who, "why": why,
-            "recipe": {"id": recipe.id, "version": recipe.version, "title": recipe.title,
-                       "path": str(path.resolve()),
-                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                       "master_file": recipe.master_file, "product": recipe.product},
-            "params": typed, "binding": dict(binding.devices),
-            "unit": self.config.unit.id, "site": self.config.unit.site,
-        })
+        await engine.event(
+            {
+                "event": "run_started",
+                "who": who,
+                "why": why,
+                "recipe": {
+                    "id": recipe.id,
+                    "version": recipe.version,
+                    "title": recipe.title,
+                    "path": str(path),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "master_file": recipe.master_file,
+                    "product": recipe.product,
+                },
+                "params": typed,
+                "binding": dict(binding.devices),
+                "unit": self.config.unit.id,
+                "site": self.config.unit.site,
+            }
+        )
         self._launch(engine)
         return engine
 
     def _engine(self, recipe: Any, memory: RunMemory, recovered: bool = False) -> Engine:
-        return Engine(recipe=recipe, config=self.config, memory=memory, hub=self.hub,
-                      journal=self.journal, clock=self.clock, recovered=recovered,
-                      authenticator=self.authenticator)
+        return Engine(
+            recipe=recipe,
+            config=self.config,
+            memory=memory,
+            hub=self.hub,
+            journal=self.journal,
+            clock=self.clock,
+            recovered=recovered,
+            authenticator=self.authenticator,
+        )
 
     def _launch(self, engine: Engine) -> None:
         self.engine = engine
@@ -120,16 +145,26 @@ class RunManager:
             return None
         path = Path(memory.recipe["path"])
         try:
-            data = path.read_bytes()
+            data = await asyncio.to_thread(path.read_bytes)
         except OSError as exc:
             log.error("recovery_recipe_missing", run=run, path=str(path), error=str(exc))
             raise RunRefused(f"run {run} cannot be recovered: recipe {path} is unreadable") from exc
         if hashlib.sha256(data).hexdigest() != memory.recipe["sha256"]:
-            raise RunRefused(f"run {run} cannot be recovered: recipe {path} changed since the "
-                             "run started")
-        recipe = load_recipe(path, self.config)
+            raise RunRefused(
+                f"run {run} cannot be recovered: recipe {path} changed since the run started"
+            )
+        recipe = parse_recipe(data.decode("utf-8", "replace"), str(path), self.config)
         final = memory.state in ("Complete", "Stopped", "Aborted")
         engine = self._engine(recipe, memory, recovered=not final)
         self._launch(engine)
         log.info("run_recovered", run=run, state=memory.state)
         return engine
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DocumentError(
+            [Problem(str(path), None, "", f"cannot read the recipe: {exc.strerror}")]
+        ) from exc

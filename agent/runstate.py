@@ -47,7 +47,7 @@ class RunMemory:
     def apply(self, body: dict[str, Any]) -> None:
         """Fold one journaled event body into the memory."""
         event = body.get("event")
-        key = body.get("key")
+        key: str = body.get("key") or ""
         if "run_elapsed" in body:
             self.elapsed_run = float(body["run_elapsed"])
         if event == "run_started":
@@ -95,15 +95,20 @@ def _rows(path: Path, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
 
 def last_run(path: str | Path) -> str | None:
     """The id of the newest run named in the journal, if any."""
-    rows = _rows(Path(path), "SELECT run FROM records WHERE kind = 'event' AND run IS NOT NULL "
-                 "ORDER BY seq DESC LIMIT 1", ())
+    rows = _rows(
+        Path(path),
+        "SELECT run FROM records WHERE kind = 'event' AND run IS NOT NULL "
+        "ORDER BY seq DESC LIMIT 1",
+        (),
+    )
     return rows[0][0] if rows else None
 
 
 def load_run(path: str | Path, run: str) -> RunMemory:
     """Rebuild a run's memory from its journaled events."""
     memory = RunMemory(run)
-    for (data,) in _rows(Path(path), "SELECT data FROM records WHERE run = ? AND kind = 'event' "
-                         "ORDER BY seq", (run,)):
+    for (data,) in _rows(
+        Path(path), "SELECT data FROM records WHERE run = ? AND kind = 'event' ORDER BY seq", (run,)
+    ):
         memory.apply(json.loads(data)["body"])
     return memory

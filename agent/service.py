@@ -35,12 +35,12 @@ from agent.api import create_api
 from agent.audit_outbox import AuditOutbox
 from agent.auth import Authenticator, UserStore
 from agent.config import UnitConfig
-from agent.runs import RunManager, RunRefused
 from agent.devices import DeviceHub
 from agent.journal import Journal
 from agent.keys import UnitKey, load_unit_key
 from agent.recorder import Recorder
 from agent.records import JournalError, Kind
+from agent.runs import RunManager, RunRefused
 from agent.uplink import Uplink
 from drivers.clock import Clock
 
@@ -259,14 +259,22 @@ class AgentService:
                 )
                 await self._check_disk(journal)
                 self.authenticator = Authenticator(
-                    UserStore.in_dir(s.state_dir), self.clock,
-                    lambda kind, body: journal.append(kind, body))
+                    UserStore.in_dir(s.state_dir),
+                    self.clock,
+                    lambda kind, body: journal.append(kind, body),
+                )
                 await AuditOutbox.in_dir(s.state_dir).drain(journal.append)
                 try:
                     async with asyncio.TaskGroup() as tg:
-                        self.runs = RunManager(self.config, hub, journal, self.clock,
-                                               tg.create_task, authenticator=self.authenticator,
-                                               low_disk=lambda: self.low_disk)
+                        self.runs = RunManager(
+                            self.config,
+                            hub,
+                            journal,
+                            self.clock,
+                            tg.create_task,
+                            authenticator=self.authenticator,
+                            low_disk=lambda: self.low_disk,
+                        )
                         try:
                             await self.runs.recover()
                         except RunRefused as exc:

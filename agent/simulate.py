@@ -11,6 +11,7 @@ control site; the journal lives in a temporary folder (or ``keep_dir``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -40,8 +41,12 @@ from drivers.clock import ScaledClock, SystemClock
 log = structlog.get_logger(__name__)
 
 SIM_USERS = {"sim-operator": ("operator",), "sim-supervisor": ("supervisor",), "sim-qa": ("qa",)}
-SIGNERS = {"performed": "sim-operator", "verified": "sim-supervisor", "approved": "sim-qa",
-           "reviewed": "sim-qa"}
+SIGNERS = {
+    "performed": "sim-operator",
+    "verified": "sim-supervisor",
+    "approved": "sim-qa",
+    "reviewed": "sim-qa",
+}
 _CANDIDATES = ["SIM-LOT-0001", "SIMLOT0001", "A000000000001", "COI-000001", "SIM0001", "S1"]
 
 
@@ -60,17 +65,22 @@ class FaultPlan:
     def parse(cls, text: str) -> FaultPlan:
         m = re.fullmatch(r"(\w+)\.(\w+)=([^@]+)@([0-9.]+[smhd]?)(?:\+([0-9.]+[smhd]?))?", text)
         if not m:
-            raise ValueError(f"fault {text!r} is not target.field=value@time[+duration] "
-                             "(e.g. bioreactor.heater_failed=true@2d+6h)")
+            raise ValueError(
+                f"fault {text!r} is not target.field=value@time[+duration] "
+                "(e.g. bioreactor.heater_failed=true@2d+6h)"
+            )
         raw = m.group(3)
         value: Any = {"true": True, "false": False}.get(raw.lower(), raw)
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(raw)
-            except ValueError:
-                pass
-        return cls(m.group(1), m.group(2), value, _seconds(m.group(4)),
-                   _seconds(m.group(5)) if m.group(5) else None)
+        return cls(
+            m.group(1),
+            m.group(2),
+            value,
+            _seconds(m.group(4)),
+            _seconds(m.group(5)) if m.group(5) else None,
+        )
 
 
 def _seconds(text: str) -> float:
@@ -138,18 +148,21 @@ async def simulate(
     With ``uplink_url`` the journal is also forwarded to that control site (``enrol(unit,
     public_key)`` is called first); the simulated run is then a full end-to-end demonstration.
     """
-    from simulators.unit import SimulatedUnit  # the composition root's privilege
-
     from agent.cli_sim import sim_endpoints
+    from simulators.unit import SimulatedUnit  # the composition root's privilege
 
     answers = answers or {}
     clock = ScaledClock(speed)
     work = keep_dir or Path(tempfile.mkdtemp(prefix="bedside-simulate-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.environ.update({
-        "BEDSIDE_SIM_OPCUA_PORT": str(_free_port()), "BEDSIDE_SIM_CELLPROC_PORT": str(_free_port()),
-        "BEDSIDE_SIM_MODBUS_PORT": str(_free_port()), "BEDSIDE_RUN_DIR": str(work / "run"),
-    })
+    os.environ.update(
+        {
+            "BEDSIDE_SIM_OPCUA_PORT": str(_free_port()),
+            "BEDSIDE_SIM_CELLPROC_PORT": str(_free_port()),
+            "BEDSIDE_SIM_MODBUS_PORT": str(_free_port()),
+            "BEDSIDE_RUN_DIR": str(work / "run"),
+        }
+    )
     config: UnitConfig = load_config(default_config_path())
     endpoints = sim_endpoints(config, _free_port())
     summary = Summary(journal=str(work / "journal.db"))
@@ -159,20 +172,29 @@ async def simulate(
     summary.public_key = key.public_key.b64
     if enrol is not None:
         enrol(config.unit.id, key.public_key.b64)
-    async with SimulatedUnit(clock, endpoints, seed=seed) as unit, Journal.open(
-        work / "journal.db", unit=config.unit.id, signer=key, clock=clock
-    ) as journal:
-        store = UserStore.in_dir(work, hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+    async with (
+        SimulatedUnit(clock, endpoints, seed=seed) as unit,
+        Journal.open(work / "journal.db", unit=config.unit.id, signer=key, clock=clock) as journal,
+    ):
+        store = UserStore.in_dir(
+            work, hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+        )
         auth = Authenticator(store, clock, lambda kind, body: journal.append(kind, body))
-        admin = await auth.add_user(None, "sim-admin", "Simulated Admin", ["admin"], passwords["sim-admin"])
+        admin = await auth.add_user(
+            None, "sim-admin", "Simulated Admin", ["admin"], passwords["sim-admin"]
+        )
         for name, roles in SIM_USERS.items():
-            await auth.add_user(admin, name, name.replace("-", " ").title(), list(roles), passwords[name])
+            await auth.add_user(
+                admin, name, name.replace("-", " ").title(), list(roles), passwords[name]
+            )
         hub = DeviceHub(config, clock)
         await hub.connect()
-        recorder = Recorder({t: config.tag(t)[1].record for t in config.all_tags()},
-                            journal.record_samples, clock)
+        recorder = Recorder(
+            {t: config.tag(t)[1].record for t in config.all_tags()}, journal.record_samples, clock
+        )
         try:
             async with asyncio.TaskGroup() as tg:
+
                 async def record() -> None:
                     async for sample in hub.observe(list(config.all_tags())):
                         recorder.offer((sample,))
@@ -204,9 +226,14 @@ async def simulate(
                         for plan in [p for p in active if p.duration and p.at + p.duration <= now]:
                             active.remove(plan)
                             default = type(unit.fault_targets()[plan.target])()
-                            setattr(unit.fault_targets()[plan.target], plan.field,
-                                    getattr(default, plan.field))
-                            log.info("sim_fault_cleared", fault=f"{plan.target}.{plan.field}", at=now)
+                            setattr(
+                                unit.fault_targets()[plan.target],
+                                plan.field,
+                                getattr(default, plan.field),
+                            )
+                            log.info(
+                                "sim_fault_cleared", fault=f"{plan.target}.{plan.field}", at=now
+                            )
                         await _operate(engine, answers, passwords)
                 await _settle(engine)
                 summary.state = engine.sm.state.value
@@ -224,15 +251,17 @@ async def simulate(
                     uplinking.cancel()
         finally:
             await hub.close()
-        summary.final = {t: s.value for t, s in sorted(hub.latest.items())
-                         if t in engine.env.used_tags()}
+        summary.final = {
+            t: s.value for t, s in sorted(hub.latest.items()) if t in engine.env.used_tags()
+        }
     summary.wall_seconds = asyncio.get_running_loop().time() - wall0
     _fill(summary, work / "journal.db")
     return summary
 
 
 async def _settle(engine: Engine) -> None:
-    while not engine.sm.state.stable:
+    """Wait for the run to reach a stable state (a final `done` may still be queued)."""
+    while not engine.sm.state.stable:  # noqa: ASYNC110 - the engine offers no event for this
         await asyncio.sleep(0.01)
 
 
@@ -242,8 +271,10 @@ async def _operate(engine: Engine, answers: dict[str, str], passwords: dict[str,
         phase = engine.recipe.phase(view["phase"])
         specs = phase.inputs if isinstance(phase, PromptPhase) else phase.results  # type: ignore[union-attr]
         inputs = {n: _answer(s, engine, answers.get(f"{phase.id}.{n}")) for n, s in specs.items()}
-        sigs = [{"meaning": m, "user": SIGNERS[m], "password": passwords[SIGNERS[m]]}
-                for m in view["signatures"]]
+        sigs = [
+            {"meaning": m, "user": SIGNERS[m], "password": passwords[SIGNERS[m]]}
+            for m in view["signatures"]
+        ]
         await engine.prompts.answer(phase.id, inputs, sigs, "sim-operator")
     if engine.sm.state is RunState.HELD:
         views = engine.alarms.active()
@@ -264,21 +295,34 @@ def _fill(summary: Summary, journal: Path) -> None:
         started: dict[str, float] = {}
         for kind, data in conn.execute(
             "SELECT kind, data FROM records WHERE kind IN ('event', 'alarm') AND run = ? "
-            "ORDER BY seq", (summary.run,)):
+            "ORDER BY seq",
+            (summary.run,),
+        ):
             body = json.loads(data)["body"]
             t = body.get("run_elapsed", 0.0)
             if kind == "alarm" and body.get("state") == "unack":
-                summary.alarms.append({"alarm": body.get("alarm"), "priority": body.get("priority"),
-                                       "at_h": round(t / 3600, 2) if t else None})
+                summary.alarms.append(
+                    {
+                        "alarm": body.get("alarm"),
+                        "priority": body.get("priority"),
+                        "at_h": round(t / 3600, 2) if t else None,
+                    }
+                )
             ev = body.get("event")
             if ev == "phase_started":
                 started[body["key"]] = t
             elif ev == "phase_completed" and body.get("phase"):
                 t0 = started.get(body["key"], t)
-                summary.phases.append({"phase": body["phase"], "start_h": round(t0 / 3600, 2),
-                                       "hours": round((t - t0) / 3600, 2)})
+                summary.phases.append(
+                    {
+                        "phase": body["phase"],
+                        "start_h": round(t0 / 3600, 2),
+                        "hours": round((t - t0) / 3600, 2),
+                    }
+                )
             elif ev == "run_state" and body.get("new") == "Holding":
-                summary.holds.append({"at_h": round(t / 3600, 2), "why": body.get("why"),
-                                      "by": body.get("who")})
+                summary.holds.append(
+                    {"at_h": round(t / 3600, 2), "why": body.get("why"), "by": body.get("who")}
+                )
     finally:
         conn.close()
