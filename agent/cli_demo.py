@@ -89,6 +89,7 @@ def _table(engine: Any, uplink: dict[str, Any]) -> Table:
 
 
 def _enrol(store: Any, unit: str, key: str) -> None:
+    from controlsite.enroll import enroll_unit
 
     enroll_unit(store, unit, key)
 
@@ -101,7 +102,6 @@ def demo(
     """Run simulators, agent and control site: a CAR-T recipe end to end at accelerated time."""
     from agent.simulate import FaultPlan, simulate
     from agent.verify import verify_path
-    from controlsite.enroll import enroll_unit
     from controlsite.service import ControlSiteServer
     from controlsite.store import open_store
 
