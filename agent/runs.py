@@ -87,8 +87,7 @@ class RunManager:
             raise RunRefused(
                 "the journal's disk is nearly full: no run starts until space is freed"
             )
-        path = Path(recipe_path).resolve()
-        data = await asyncio.to_thread(_read, path)
+        path, data = await asyncio.to_thread(_read, Path(recipe_path))
         # parsed from the very bytes that are hashed into the record
         recipe = parse_recipe(data.decode("utf-8", "replace"), str(path), self.config)
         binding = bind(recipe, self.config, overrides)
@@ -161,9 +160,10 @@ class RunManager:
         return engine
 
 
-def _read(path: Path) -> bytes:
+def _read(given: Path) -> tuple[Path, bytes]:
+    path = given.resolve()
     try:
-        return path.read_bytes()
+        return path, path.read_bytes()
     except OSError as exc:
         raise DocumentError(
             [Problem(str(path), None, "", f"cannot read the recipe: {exc.strerror}")]
