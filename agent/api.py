@@ -113,7 +113,12 @@ def create_api(
                 )
             except (BindError, ParameterError, PromptRejected) as exc:
                 problems = list(getattr(exc, "problems", []) or [str(exc)])
-                return JSONResponse({"error": type(exc).__name__, "problems": problems}, 422)
+                error = {
+                    BindError: "the recipe does not fit this unit",
+                    ParameterError: "invalid run parameters",
+                    PromptRejected: "answer refused",
+                }[type(exc)]
+                return JSONResponse({"error": error, "problems": problems}, 422)
 
         return wrapper
 

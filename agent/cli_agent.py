@@ -139,7 +139,11 @@ def agent_run(
 
 
 def status(
-    api: str = typer.Option("http://127.0.0.1:8780", "--api", help="the agent's local API"),
+    api: str = typer.Option(
+        os.environ.get("BEDSIDE_API", "http://127.0.0.1:8780"),
+        "--api",
+        help="the agent's local API",
+    ),
 ) -> None:
     """Show the running agent's journal, uplink (link, backlog, last acked seq) and devices."""
     try:
