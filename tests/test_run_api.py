@@ -1,0 +1,254 @@
+"""The agent's local run API as operators use it: authenticated, authorised, audited.
+
+System test: the simulated unit at accelerated time in this process, the real agent service
+(devices, journal, engine, API on a loopback port) and HTTP requests with user credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from argon2 import PasswordHasher
+
+from agent.auth import Authenticator, UserStore
+from agent.keys import init_unit_key
+from agent.records import Kind, Record
+from drivers.clock import ScaledClock, SystemClock
+from simulators.unit import SimEndpoints, SimulatedUnit
+from tests.conftest import free_port
+
+RECIPE = Path(__file__).parent.parent / "recipes" / "tcell-selection-wash.yaml"
+PARAMS = {"coi_id": "COI-123456", "donation_id": "A123456789012"}
+PASSWORDS = {"admin": "Adm1n-pass-word", "alice": "Al1ce-pass-word", "bob": "B0b-pass-words"}
+
+
+async def _add_users(state: Path) -> None:
+    store = UserStore.in_dir(
+        state, hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    )
+
+    async def sink(kind: str, body: dict[str, Any]) -> None:
+        return None
+
+    auth = Authenticator(store, SystemClock(), sink)
+    admin = await auth.add_user(None, "admin", "Unit Admin", ["admin"], PASSWORDS["admin"])
+    await auth.add_user(admin, "alice", "Alice Operator", ["operator"], PASSWORDS["alice"])
+    await auth.add_user(admin, "bob", "Bob Supervisor", ["supervisor"], PASSWORDS["bob"])
+
+
+@dataclass
+class Agent:
+    """A running ``bedside agent run`` process and where it keeps its journal."""
+
+    port: int
+    state: Path
+
+    def records(self) -> list[Record]:
+        """Every committed record (the agent holds the journal open; WAL lets us read)."""
+        conn = sqlite3.connect(f"file:{self.state / 'journal.db'}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT data FROM records ORDER BY seq").fetchall()
+        finally:
+            conn.close()
+        return [Record.parse(data, strict=False) for (data,) in rows]
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
+    """The simulated unit in this process and the agent as a subprocess, with three users."""
+    run_dir = tmp_path / "run"
+    ends = SimEndpoints(
+        bioreactor_port=free_port(),
+        cell_processor_port=free_port(),
+        modbus_port=free_port(),
+        rtu_link=str(run_dir / "pumps-rtu"),
+        balance_link=str(run_dir / "balance"),
+        control_port=free_port(),
+        run_dir=str(run_dir),
+    )
+    env = {
+        **os.environ,
+        "BEDSIDE_SIM_OPCUA_PORT": str(ends.bioreactor_port),
+        "BEDSIDE_SIM_CELLPROC_PORT": str(ends.cell_processor_port),
+        "BEDSIDE_SIM_MODBUS_PORT": str(ends.modbus_port),
+        "BEDSIDE_RUN_DIR": str(run_dir),
+    }
+    state = tmp_path / "unit"
+    init_unit_key(state)
+    await _add_users(state)
+    port = free_port()
+    async with SimulatedUnit(ScaledClock(100), ends):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent",
+            "--log-format",
+            "json",
+            "--log-level",
+            "warning",
+            "agent",
+            "run",
+            "--state-dir",
+            str(state),
+            "--api-port",
+            str(port),
+            "--speed",
+            "100",
+            env=env,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            service = Agent(port, state)
+
+            async def up() -> bool:
+                try:
+                    async with client(service) as c:
+                        return (await c.get("/api/v1/status")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await until(up)
+            yield service
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 30)
+
+
+def client(service: Agent, user: str | None = None) -> httpx.AsyncClient:
+    auth = (user, PASSWORDS[user]) if user else None
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.port}", auth=auth, timeout=30)
+
+
+async def until(check: Callable[[], Any], within: float = 30) -> Any:
+    deadline = asyncio.get_running_loop().time() + within
+    while not (result := await check()):
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.1)
+    return result
+
+
+async def run_view(service: Agent) -> dict[str, Any]:
+    async with client(service) as c:
+        return (await c.get("/api/v1/run")).json()
+
+
+async def start(service: Agent) -> dict[str, Any]:
+    async with client(service, "alice") as c:
+        r = await c.post("/api/v1/run/start", json={"recipe": str(RECIPE), "params": PARAMS})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def prompt_open(service: Agent) -> Any:
+    view = await run_view(service)
+    return view if view.get("prompts") else None
+
+
+def answer(bag_id: str, verifier: str = "bob") -> dict[str, Any]:
+    return {
+        "phase": "scan_bag",
+        "inputs": {"bag_id": bag_id, "donation_id": PARAMS["donation_id"], "volume": 200},
+        "signatures": [
+            {"meaning": "performed", "user": "alice", "password": PASSWORDS["alice"]},
+            {"meaning": "verified", "user": verifier, "password": PASSWORDS[verifier]},
+        ],
+    }
+
+
+async def test_state_changes_need_an_authenticated_user(agent: Agent) -> None:
+    """Starting a run without credentials or with a wrong password is refused (401)."""
+    async with client(agent) as c:
+        r = await c.post("/api/v1/run/start", json={"recipe": str(RECIPE), "params": PARAMS})
+        assert r.status_code == 401
+        r = await c.post(
+            "/api/v1/run/start",
+            auth=("alice", "wrong-password-1"),
+            json={"recipe": str(RECIPE), "params": PARAMS},
+        )
+        assert r.status_code == 401 and "unknown user or wrong password" in r.json()["error"]
+    assert (await run_view(agent))["run"] is None
+
+
+async def test_bad_parameters_are_refused_with_every_problem(agent: Agent) -> None:
+    """Missing and malformed parameters are all named; no run starts."""
+    async with client(agent, "alice") as c:
+        r = await c.post(
+            "/api/v1/run/start", json={"recipe": str(RECIPE), "params": {"coi_id": "12"}}
+        )
+    assert r.status_code == 422
+    problems = " ".join(r.json()["problems"])
+    assert "coi_id" in problems and "donation_id" in problems
+    assert (await run_view(agent))["run"] is None
+
+
+async def test_prompt_checks_chain_of_identity_and_two_person_signatures(agent: Agent) -> None:
+    """A wrong bag is refused and audited; one person signing twice is refused; the right
+    answer with two signers is accepted and both signatures are journaled."""
+    await start(agent)
+    await until(lambda: prompt_open(agent))
+    async with client(agent, "alice") as c:
+        wrong = await c.post("/api/v1/run/answer", json=answer("COI-999999"))
+        assert wrong.status_code == 422
+        assert any("chain of identity" in p for p in wrong.json()["problems"])
+        same = await c.post("/api/v1/run/answer", json=answer("COI-123456", verifier="alice"))
+        assert same.status_code == 422
+        right = await c.post("/api/v1/run/answer", json=answer("COI-123456"))
+        assert right.status_code == 200, right.text
+    records = agent.records()
+    signatures = [r.body for r in records if r.kind == Kind.SIGNATURE]
+    assert {(s["user"], s["meaning"]) for s in signatures} == {
+        ("alice", "performed"),
+        ("bob", "verified"),
+    }
+    refused = [
+        r.body
+        for r in records
+        if r.kind == Kind.AUDIT and r.body.get("action") == "prompt_rejected"
+    ]
+    assert refused and "chain of identity" in " ".join(refused[0]["problems"])
+
+
+async def test_commands_are_authorised_per_role_and_refusals_journaled(agent: Agent) -> None:
+    """An operator may hold but not abort; a supervisor restarts; a command not allowed in the
+    state is refused (409) and journaled; one run at a time."""
+    await start(agent)
+    async with client(agent, "alice") as alice, client(agent, "bob") as bob:
+        assert (
+            await alice.post("/api/v1/run/command", json={"command": "abort"})
+        ).status_code == 403
+        r = await alice.post("/api/v1/run/command", json={"command": "resume"})
+        assert r.status_code == 409 and "refused in state Running" in r.json()["error"]
+        second = await alice.post(
+            "/api/v1/run/start", json={"recipe": str(RECIPE), "params": PARAMS}
+        )
+        assert second.status_code == 409 and "one run per unit" in second.json()["error"]
+        r = await alice.post("/api/v1/run/command", json={"command": "hold", "why": "test"})
+        assert r.status_code == 200
+        await until(lambda: _state_is(agent, "Held"))
+        r = await bob.post("/api/v1/run/command", json={"command": "restart", "why": "checked"})
+        assert r.status_code == 200
+        await until(lambda: _state_is(agent, "Running"))
+        assert (await bob.post("/api/v1/run/command", content=b"{not json")).status_code == 400
+    audits = [r.body for r in agent.records() if r.kind == Kind.AUDIT]
+    assert any(
+        a.get("action") == "command_refused" and a.get("command") == "resume" for a in audits
+    )
+
+
+async def _state_is(service: Agent, state: str) -> bool:
+    return (await run_view(service))["state"] == state
+
+
+def test_recipe_path_exists() -> None:
+    """The shipped recipe this module drives is where the tests expect it."""
+    assert RECIPE.exists() and os.access(RECIPE, os.R_OK)
