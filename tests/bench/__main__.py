@@ -43,7 +43,15 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated sections: opcua,modbus,bioreactor,journal,drain,storage",
+        help="comma-separated sections: opcua,modbus,bioreactor,journal,drain,storage,latency,cart",
+    )
+    parser.add_argument(
+        "--trips", type=int, default=30, help="trips per scan period in the latency section"
+    )
+    parser.add_argument(
+        "--cart-speeds",
+        default="20000,15000,10000",
+        help="clock speeds the cart section tries in turn, until a run ends Complete",
     )
     parser.add_argument(
         "--storage-days",
@@ -139,6 +147,24 @@ def main() -> None:
             "(shipped recording policies, simulated unit)"
         )
         storage.report(row, args.storage_days)
+
+    if want("latency"):
+        from tests.bench import engine
+
+        section(
+            "Trip-to-hold latency (real time, simulated unit: a set-point crosses a monitor's "
+            "threshold at the device -> hold action's coil write reaches the feed pump)"
+        )
+        engine.report_latency(row, args.trips)
+
+    if want("cart"):
+        from tests.bench import engine
+
+        section(
+            "CAR-T recipe at full speed, full recording "
+            "(agent.simulate, recipes/cart-expansion.yaml)"
+        )
+        engine.report_cart(row, [float(x) for x in args.cart_speeds.split(",")])
 
 
 if __name__ == "__main__":
