@@ -9,9 +9,7 @@ from pathlib import Path
 import httpx
 import typer
 
-from agent.cli_common import fail, run_async
-from agent.config import default_config_path, load_config
-from agent.yamlsource import DocumentError
+from agent.cli_common import fail, load_config_or_exit, run_async
 
 keys_app = typer.Typer(help="The unit's signing key.", no_args_is_help=True)
 agent_app = typer.Typer(help="The on-site agent service.", no_args_is_help=True)
@@ -111,12 +109,7 @@ def agent_run(
         fail(f"--speed must be positive, not {speed}")
     if not retention_days > 0:
         fail(f"--retention-days must be positive, not {retention_days}")
-    try:
-        cfg = load_config(config or default_config_path())
-    except DocumentError as exc:
-        for problem in exc.problems:
-            typer.echo(f"bedside: error: {problem}", err=True)
-        raise typer.Exit(2) from None
+    cfg = load_config_or_exit(config)
     if not (state_dir / "unit.key").exists():
         fail(f"no unit key in {state_dir}; run `bedside keys init --state-dir {state_dir}` first")
     clock = SystemClock() if speed == 1 else ScaledClock(speed)

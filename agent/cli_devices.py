@@ -9,10 +9,9 @@ from typing import Any
 
 import typer
 
-from agent.cli_common import fail, run_async
-from agent.config import UnitConfig, load_config
+from agent.cli_common import fail, load_config_or_exit, run_async
+from agent.config import UnitConfig
 from agent.devices import DeviceHub, check_write
-from agent.yamlsource import DocumentError
 from drivers.base import Value
 from drivers.clock import SystemClock
 from drivers.errors import DriverError
@@ -29,12 +28,7 @@ def emit(obj: dict[str, Any]) -> None:
 
 
 def _load(config: Path) -> UnitConfig:
-    try:
-        return load_config(config)
-    except DocumentError as exc:
-        for problem in exc.problems:
-            typer.echo(f"bedside: error: {problem}", err=True)
-        raise typer.Exit(2) from None
+    return load_config_or_exit(config)
 
 
 def _select(cfg: UnitConfig, tags: list[str]) -> tuple[list[str], list[str]]:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import typer
 
-from agent.cli_common import fail, run_async
+from agent.cli_common import fail, fail_problems, run_async
 
 run_app = typer.Typer(
     help="Start and command the unit's run (through the agent's local API).", no_args_is_help=True
@@ -204,13 +204,9 @@ def simulate(
             )
         )
     except DocumentError as exc:
-        for p in exc.problems:
-            typer.echo(f"bedside: error: {p}", err=True)
-        raise typer.Exit(2) from None
+        fail_problems(exc.problems)
     except (BindError, ParameterError) as exc:
-        for p in getattr(exc, "problems", [str(exc)]):
-            typer.echo(f"bedside: error: {p}", err=True)
-        raise typer.Exit(2) from None
+        fail_problems(getattr(exc, "problems", [str(exc)]))
     typer.echo(json.dumps(summary.__dict__, indent=2, default=str))
     if summary.state != "Complete":
         raise typer.Exit(1)

@@ -17,9 +17,8 @@ from urllib.parse import urlparse
 import httpx
 import typer
 
-from agent.cli_common import fail, run_async
+from agent.cli_common import fail, load_config_or_exit, run_async
 from agent.config import ModbusDevice, OpcUaDevice, SerialDevice, UnitConfig, default_config_path
-from agent.yamlsource import DocumentError
 from drivers.clock import ScaledClock
 
 fault_app = typer.Typer(
@@ -68,17 +67,11 @@ def serve(
     ),
 ) -> None:
     """Run the simulated unit (bioreactor, cell processor, pumps, balance) until SIGTERM."""
-    from agent.config import load_config
     from simulators.unit import SimulatedUnit
 
     if not speed > 0:
         fail(f"--speed must be positive, not {speed}")
-    try:
-        cfg = load_config(config or default_config_path())
-    except DocumentError as exc:
-        for problem in exc.problems:
-            typer.echo(f"bedside: error: {problem}", err=True)
-        raise typer.Exit(2) from None
+    cfg = load_config_or_exit(config)
     endpoints = sim_endpoints(cfg, control_port)
     clock = ScaledClock(speed)
 

@@ -31,6 +31,7 @@ from agent.devices import DeviceHub
 from agent.engine import FINAL, Engine
 from agent.journal import Journal
 from agent.keys import UnitKey
+from agent.recipe_loader import bind, check_parameters, load_recipe
 from agent.recipe_model import Input, PromptPhase
 from agent.recorder import Recorder
 from agent.runs import RunManager
@@ -164,6 +165,10 @@ async def simulate(
         }
     )
     config: UnitConfig = load_config(default_config_path())
+    # a broken recipe, binding or parameter is refused before any simulator starts
+    checked = load_recipe(recipe, config)
+    bind(checked, config)
+    check_parameters(checked, params)
     endpoints = sim_endpoints(config, _free_port())
     summary = Summary(journal=str(work / "journal.db"))
     passwords = {name: secrets.token_urlsafe(16) + "aA1!" for name in ["sim-admin", *SIM_USERS]}
