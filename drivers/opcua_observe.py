@@ -5,7 +5,9 @@ Each ``observe()`` call gets its own ``Observation``: a subscription on the curr
 with one monitored item per tag (sampling interval and absolute deadband from the point, queue
 size 1, discard oldest), delivering into a ``SampleQueue``. The driver attaches every live
 observation to each new connection, so subscriptions survive a server restart even when the
-server assigns new NodeIds, and marks them lost when the connection drops.
+server assigns new NodeIds, and marks them lost when the connection drops. With queue size 1 the
+server keeps only the latest value of an item, so a stream carries at most one sample per tag per
+publishing interval (by design: a value changing faster than that is coalesced at the server).
 
 ``SampleQueue`` implements the overflow policy of ``drivers.base``: when full, the oldest queued
 sample of the same tag that is not a change of quality is dropped (the latest value of a tag
@@ -18,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -35,18 +36,13 @@ log = structlog.get_logger(__name__)
 _VALUE = ua.AttributeIds.Value
 
 
-@dataclass(slots=True)
-class _Entry:
-    sample: Sample
-    quality_change: bool
-
-
 class SampleQueue:
     """A bounded FIFO of samples with the drivers' overflow policy (see module docstring)."""
 
     def __init__(self, maxsize: int) -> None:
         self._maxsize = max(1, maxsize)
-        self._items: collections.deque[_Entry] = collections.deque()
+        # (sample, is a change of quality); plain tuples: one is built per notification
+        self._items: collections.deque[tuple[Sample, bool]] = collections.deque()
         self._quality: dict[str, Quality] = {}
         self._ready = asyncio.Event()
         self._closed = False
@@ -63,19 +59,27 @@ class SampleQueue:
         """Queue ``sample``; never blocks (drops per the overflow policy when full)."""
         if self._closed:
             return
-        change = self._quality.get(sample.tag) is not sample.quality
-        self._quality[sample.tag] = sample.quality
+        tag, quality = sample.tag, sample.quality
+        change = self._quality.get(tag) is not quality
+        self._quality[tag] = quality
         if len(self._items) >= self._maxsize:
-            self._drop_one(sample.tag)
-        self._items.append(_Entry(sample, change))
+            self._drop_one(tag)
+        self._items.append((sample, change))
         self._ready.set()
 
     def _drop_one(self, tag: str) -> None:
-        victim = next(
-            (e for e in self._items if e.sample.tag == tag and not e.quality_change), None
-        ) or next((e for e in self._items if not e.quality_change), None)
-        if victim is not None:
-            self._items.remove(victim)
+        # One pass: the first droppable sample of ``tag`` wins, else the first droppable one.
+        victim = -1
+        for index, (queued, quality_change) in enumerate(self._items):
+            if quality_change:
+                continue
+            if queued.tag == tag:
+                victim = index
+                break
+            if victim < 0:
+                victim = index
+        if victim >= 0:
+            del self._items[victim]
             self.dropped += 1
 
     async def get(self) -> Sample | None:
@@ -85,7 +89,7 @@ class SampleQueue:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        return self._items.popleft().sample
+        return self._items.popleft()[0]
 
     def close(self) -> None:
         """End the stream: ``get`` returns what is queued, then ``None``."""

@@ -60,6 +60,8 @@ def plain_value(variant: ua.Variant | None) -> Value:
     if variant is None:
         return None
     raw = variant.Value
+    if type(raw) is float:  # the common case first: process values are mostly Double
+        return raw
     if raw is None or isinstance(raw, bool | str):
         return raw
     if isinstance(raw, enum.Enum):
