@@ -87,8 +87,9 @@ async def opcua(seconds: float) -> dict[str, float]:
 
             async with Client(url) as client:
                 sub = await client.create_subscription(20, Handler())
+                # queue size 1, as the driver asks: the newest value of each tag per publish
                 await sub.subscribe_data_change(
-                    [client.get_node(n.nodeid) for n in nodes], sampling_interval=0
+                    [client.get_node(n.nodeid) for n in nodes], sampling_interval=0, queuesize=1
                 )
                 await asyncio.sleep(0.5)
                 count, t0 = 0, time.perf_counter()
