@@ -39,7 +39,7 @@ from agent.journal import Journal
 from agent.monitors import Action, Change, Monitor, MonitorSet
 from agent.phases import AbortRequest, HoldRequest, PhaseRunner
 from agent.prompts import Prompts
-from agent.recipe_model import Operation, Recipe, SetAction
+from agent.recipe_model import Operation, Recipe, SamplePhase, SetAction
 from agent.records import Kind
 from agent.runstate import RunMemory
 from agent.states import CommandRefused, ProcedureStateMachine, RunState
@@ -85,8 +85,8 @@ class Engine:
         self.journal = journal
         self.clock = clock
         self.recovered = recovered
-        # scan about ten times a wall second, and at least every simulated second
-        self.scan_seconds = scan_seconds or max(1.0, 0.1 * clock.speed)
+        # scan monitors and devices 20 times a wall second, whatever the clock speed
+        self.scan_seconds = scan_seconds or 0.05 * clock.speed
         self.dispatcher = Dispatcher(hub, journal, clock, run=self.run)
         self._t0 = clock.monotonic() - memory.elapsed_run
         self.env = RunEnv(
@@ -100,7 +100,8 @@ class Engine:
             on_refused=self._on_refused,
             run=self.run,
         )
-        self.monitors = self._build_monitors()
+        # built when the engine serves: a new run's binding arrives with its run_started event
+        self.monitors: dict[str, tuple[MonitorSet, str | None]] = {}
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._runner: asyncio.Task[None] | None = None
         self._operation: Operation | None = None
@@ -155,6 +156,16 @@ class Engine:
     async def command(self, command: str, *, who: str, why: str = "") -> RunState:
         """Queue an operator command and wait for its transition; ``CommandRefused`` if not
         allowed now (the refusal is journaled)."""
+        if self.finished.is_set():  # nobody serves the queue any more: refuse at once
+            error = CommandRefused(
+                self.sm.state,
+                command,
+                "the run is over and its engine has stopped",
+                who=who,
+                why=why,
+            )
+            await self._on_refused(error)
+            raise error
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Request(command, who, why, reply))
         state: RunState = await reply
@@ -169,6 +180,11 @@ class Engine:
 
     async def serve(self) -> None:
         """Run the engine until the run is reset to Idle (or cancelled)."""
+        self.monitors = self._build_monitors()
+        for phase_id, key in self.memory.pending_results.items():  # results still to enter
+            phase = self.recipe.phase(phase_id)
+            if isinstance(phase, SamplePhase):
+                self.prompts.expect_results(key, phase)
         scan = asyncio.create_task(self._scan(), name=f"scan-{self.run}")
         try:
             if self.recovered:
@@ -183,10 +199,22 @@ class Engine:
                 if self.sm.state is RunState.IDLE and self.memory.recipe:
                     break
         finally:
+            self.finished.set()
             scan.cancel()
             await self._stop_runner()
             await asyncio.gather(scan, return_exceptions=True)
-            self.finished.set()
+            while not self._queue.empty():  # commands nobody will serve: do not leave them hanging
+                req = self._queue.get_nowait()
+                if req.reply is not None and not req.reply.done():
+                    req.reply.set_exception(
+                        CommandRefused(
+                            self.sm.state,
+                            req.command,
+                            "the run's engine has stopped",
+                            who=req.who,
+                            why=req.why,
+                        )
+                    )
 
     async def _handle(self, req: _Request) -> None:
         try:
@@ -195,6 +223,8 @@ class Engine:
                     return  # a late `done` of a runner that was interrupted meanwhile
                 t = await self.sm.done(who=req.who, why=req.why)
             else:
+                if req.command == "restart" and self.sm.state is RunState.HELD:
+                    await self._check_restart(req)
                 t = await self.sm.command(req.command, who=req.who, why=req.why)
         except CommandRefused as exc:
             if req.reply and not req.reply.done():
@@ -203,6 +233,25 @@ class Engine:
         if req.reply and not req.reply.done():
             req.reply.set_result(t.new)
         await self._enter(t.new)
+
+    async def _check_restart(self, req: _Request) -> None:
+        """Refuse a restart while what held the run is still there: a lost device or a tripped
+        monitor whose action holds, pauses or aborts (it would not trip again by itself)."""
+        causes = [f"device {d} is lost" for d in sorted(self._lost)]
+        for mset, op in self.monitors.values():
+            if op is not None and (self._operation is None or self._operation.operation != op):
+                continue
+            causes += [
+                f"monitor {m.id} is still tripped"
+                for m in mset.tripped()
+                if m.action is not Action.ALARM
+            ]
+        if causes:
+            error = CommandRefused(
+                self.sm.state, req.command, "; ".join(causes), who=req.who, why=req.why
+            )
+            await self._on_refused(error)
+            raise error
 
     async def _enter(self, state: RunState) -> None:
         """The state's own logic (see the module docstring)."""
@@ -283,8 +332,18 @@ class Engine:
 
     async def apply_hold_actions(self, *, confirm: bool) -> None:
         """Bring the devices to the recipe's safe state; a failing action is journaled and the
-        others are still applied."""
+        others are still applied. Actions run in recipe order on each device, and the devices
+        side by side: a device that does not answer must not delay the others' safe state."""
+        by_device: dict[str, list[Any]] = {}
         for action in self.recipe.hold_actions:
+            ref = action.set if isinstance(action, SetAction) else action.call
+            by_device.setdefault(self.memory.binding.get(ref.split(".", 1)[0], ""), []).append(
+                action
+            )
+        await asyncio.gather(*(self._hold_actions(a, confirm) for a in by_device.values()))
+
+    async def _hold_actions(self, actions: list[Any], confirm: bool) -> None:
+        for action in actions:
             try:
                 if isinstance(action, SetAction):
                     tag = self.env.tag(action.set)
@@ -422,7 +481,16 @@ class Engine:
             "completed_phases": len(self.memory.completed),
             "prompts": self.prompts.views(),
             "alarms": [
-                a.as_dict() if hasattr(a, "as_dict") else str(a) for a in self.alarms.active()
+                {
+                    "id": a.id,
+                    "priority": a.priority.value,
+                    "state": a.state.value,
+                    "active": a.active,
+                    "message": a.message,
+                    "detail": a.detail,
+                    "since": a.since.isoformat(),
+                }
+                for a in self.alarms.active()
             ],
             "params": self.memory.params,
         }

@@ -30,6 +30,7 @@ from agent.recipe_model import (
     TransferPhase,
     WaitPhase,
 )
+from drivers.errors import MethodFailed
 
 if TYPE_CHECKING:
     from agent.engine import Engine
@@ -69,30 +70,41 @@ class PhaseRunner:
 
     async def phase(self, phase: Phase, key: str) -> None:
         if self.memory.current != key:
-            await self.e.event({"event": "phase_started", "key": key, "phase": phase.id,
-                                "type": phase.type, "title": phase.title})
+            await self.e.event(
+                {
+                    "event": "phase_started",
+                    "key": key,
+                    "phase": phase.id,
+                    "type": phase.type,
+                    "title": phase.title,
+                }
+            )
         handler = getattr(self, f"_{phase.type}")
         outputs = await handler(phase, key)
-        await self.e.event({"event": "phase_completed", "key": key, "phase": phase.id,
-                            "outputs": outputs or {}})
+        await self.e.event(
+            {"event": "phase_completed", "key": key, "phase": phase.id, "outputs": outputs or {}}
+        )
 
     async def _repeat(self, phase: RepeatPhase, key: str) -> dict[str, Any]:
         n = self.memory.loops.get(key, 0)
         while n < phase.max_iterations:
-            if phase.while_ is not None and not await self._decide(phase.while_):
-                break
+            # run.iteration is the pass number: the pass to come when `while` is checked, the
+            # pass just done when `until` is
             self.env.iterations.append(n + 1)
             try:
+                if phase.while_ is not None and not await self._decide(phase.while_):
+                    break
                 await self.block(phase.phases, f"{key}.{n}")
+                n += 1
+                await self.e.event({"event": "loop_iteration", "key": key, "iteration": n})
+                if phase.until is not None and await self._decide(phase.until):
+                    break
             finally:
                 self.env.iterations.pop()
-            n += 1
-            await self.e.event({"event": "loop_iteration", "key": key, "iteration": n})
-            if phase.until is not None and await self._decide(phase.until):
-                break
         else:
-            await self.e.event({"event": "loop_limit", "key": key, "phase": phase.id,
-                                "iterations": n})
+            await self.e.event(
+                {"event": "loop_limit", "key": key, "phase": phase.id, "iterations": n}
+            )
         return {"iterations": n}
 
     async def _branch(self, phase: BranchPhase, key: str) -> dict[str, Any]:
@@ -111,12 +123,18 @@ class PhaseRunner:
 
     # ------------------------------------------------------------------ time
     async def _progress(self, key: str, elapsed: float, *, force: bool = False) -> None:
-        if force or elapsed - self._saved.get(key, self.memory.progress.get(key, 0.0)) >= PROGRESS_EVERY:
+        if (
+            force
+            or elapsed - self._saved.get(key, self.memory.progress.get(key, 0.0)) >= PROGRESS_EVERY
+        ):
             self._saved[key] = elapsed
-            await self.e.event({"event": "phase_progress", "key": key, "elapsed": round(elapsed, 3)})
+            await self.e.event(
+                {"event": "phase_progress", "key": key, "elapsed": round(elapsed, 3)}
+            )
 
-    async def _run_for(self, key: str, total: float | None, until: Any = None,
-                       hold_for: float | None = None) -> tuple[bool, float]:
+    async def _run_for(
+        self, key: str, total: float | None, until: Any = None, hold_for: float | None = None
+    ) -> tuple[bool, float]:
         """Wait until ``until()`` holds (for ``hold_for``) or ``total`` elapsed; returns
         (condition met, elapsed). Elapsed time survives holds and crashes."""
         elapsed = self.memory.progress.get(key, 0.0)
@@ -168,8 +186,13 @@ class PhaseRunner:
             value = self.env.plain(expr)
             try:
                 written[ref] = await self.e.dispatcher.write(
-                    tag, value, who="engine", why=f"phase {phase.id}", phase=phase.id,
-                    tolerance=phase.tolerance)
+                    tag,
+                    value,
+                    who="engine",
+                    why=f"phase {phase.id}",
+                    phase=phase.id,
+                    tolerance=phase.tolerance,
+                )
             except Exception as exc:
                 if type(exc).__name__ == "ReadBackMismatch":
                     raise HoldRequest("engine", f"phase {phase.id}: {exc}") from exc
@@ -177,8 +200,9 @@ class PhaseRunner:
         return written
 
     async def _wait(self, phase: WaitPhase, key: str) -> dict[str, Any]:
-        met, elapsed = await self._run_for(key, phase.timeout, lambda: self.env.test(phase.until),
-                                           phase.hold_for)
+        met, elapsed = await self._run_for(
+            key, phase.timeout, lambda: self.env.test(phase.until), phase.hold_for
+        )
         if not met:
             return await self._timeout(phase, key)
         return {"waited_s": round(elapsed, 1)}
@@ -203,8 +227,9 @@ class PhaseRunner:
         try:
             while elapsed < phase.over:
                 value = start + (target - start) * elapsed / phase.over
-                await self.e.dispatcher.write(tag, value, who="engine", why=f"ramp {phase.id}",
-                                              phase=phase.id, confirm=False)
+                await self.e.dispatcher.write(
+                    tag, value, who="engine", why=f"ramp {phase.id}", phase=phase.id, confirm=False
+                )
                 t0 = self.clock.monotonic()
                 try:
                     await self.clock.sleep(min(step, phase.over - elapsed))
@@ -214,8 +239,9 @@ class PhaseRunner:
         except asyncio.CancelledError:
             await self._progress(key, elapsed, force=True)
             raise
-        await self.e.dispatcher.write(tag, target, who="engine", why=f"ramp {phase.id} end",
-                                      phase=phase.id)
+        await self.e.dispatcher.write(
+            tag, target, who="engine", why=f"ramp {phase.id} end", phase=phase.id
+        )
         return {"from": start, "to": target}
 
     async def _prompt(self, phase: PromptPhase, key: str) -> dict[str, Any]:
@@ -224,31 +250,41 @@ class PhaseRunner:
     async def _call(self, phase: CallPhase, key: str) -> dict[str, Any]:
         role, method = phase.method.split(".", 1)
         device = self.env.device(role)
-        outputs: dict[str, Any] = {}
-        called_now = "called" not in self.memory.steps.get(key, [])
+        outputs: dict[str, Any] = dict(self.memory.outputs.get(phase.id, {}))
+        steps = self.memory.steps.get(key, [])
+        called_now = "called" not in steps or steps[-1] == "call_refused"
         if called_now:
-            # journaled before the call: after a crash the call is never repeated
+            # journaled before the call: after a crash the call is never repeated (it may have
+            # taken effect); only a call the device refused is made again on restart
             await self.e.event({"event": "phase_step", "key": key, "step": "called"})
             args = [self.env.plain(a) for a in phase.args]
-            result = await self.e.dispatcher.call(device, method, args, who="engine",
-                                                  why=f"phase {phase.id}", phase=phase.id)
-            outputs = {f"out{i}": v for i, v in enumerate(result)}
+            try:
+                result = await self.e.dispatcher.call(
+                    device, method, args, who="engine", why=f"phase {phase.id}", phase=phase.id
+                )
+            except MethodFailed:
+                await self.e.event({"event": "phase_step", "key": key, "step": "call_refused"})
+                raise
+            outputs = {f"out{i}": _jsonable(v) for i, v in enumerate(result)}
             self.memory.outputs[phase.id] = outputs
         if phase.until is None:
             return outputs
         # the device's state before the call (e.g. "complete" from the previous program) must
         # not end this phase: judge only readings taken after the call
         # (after a hold or a crash the call was made before: any reading will do)
+        until = phase.until
         called_at = self.clock.now()
         watched = [self.env.tag(n) for n in phase.until.names() if _is_tag(n)] if called_now else []
 
         def finished() -> bool | None:
-            if any((s := self.e.hub.latest.get(t)) is None or s.agent_time <= called_at
-                   for t in watched):
+            if any(
+                (s := self.e.hub.latest.get(t)) is None or s.agent_time <= called_at
+                for t in watched
+            ):
                 return None
             if phase.fail_if is not None and self.env.test(phase.fail_if):
                 raise HoldRequest("engine", f"phase {phase.id}: {phase.fail_if.source}")
-            return self.env.test(phase.until)
+            return self.env.test(until)
 
         met, _ = await self._run_for(key, phase.timeout, finished)
         if not met:
@@ -272,13 +308,16 @@ class PhaseRunner:
                     now = None
                 t = self.elapsed_in_phase
                 if now is not None:
-                    if last[0] is None:
-                        last[0], last[1] = now, t
-                    elif abs(_num(now) - _num(last[0])) >= _num(self.env.plain(stall.min_change)):
+                    if last[0] is None or abs(_num(now) - _num(last[0])) >= _num(
+                        self.env.plain(stall.min_change)
+                    ):
                         last[0], last[1] = now, t
                     elif t - last[1] >= stall.within:
-                        raise HoldRequest("engine", f"transfer {phase.id}: {stall.tag} moved less "
-                                          f"than {stall.min_change.source} in {stall.within:g} s")
+                        raise HoldRequest(
+                            "engine",
+                            f"transfer {phase.id}: {stall.tag} moved less "
+                            f"than {stall.min_change.source} in {stall.within:g} s",
+                        )
             return self.env.test(phase.until)
 
         self.elapsed_in_phase = self.memory.progress.get(key, 0.0)
@@ -291,21 +330,37 @@ class PhaseRunner:
 
             met, _ = await self._run_for(key, phase.timeout, tracked)
         finally:
-            await d.write(run_tag, False, who="engine", why=f"{why} end", phase=phase.id,
-                          confirm=False)
+            await d.write(
+                run_tag, False, who="engine", why=f"{why} end", phase=phase.id, confirm=False
+            )
         if not met:
             return await self._timeout(phase, key)
         return {"transferred": True}
 
     async def _sample(self, phase: SamplePhase, key: str) -> dict[str, Any]:
         if "taken" not in self.memory.steps.get(key, []):
-            await self.e.event({"event": "sample_taken", "phase": phase.id,
-                                "volume_ml": phase.volume_ml, "results": sorted(phase.results)})
+            await self.e.event(
+                {
+                    "event": "sample_taken",
+                    "key": key,
+                    "phase": phase.id,
+                    "volume_ml": phase.volume_ml,
+                    "results": sorted(phase.results),
+                    "wait_for_results": phase.wait_for_results,
+                }
+            )
             await self.e.event({"event": "phase_step", "key": key, "step": "taken"})
         if phase.wait_for_results:
             return await self.e.prompts.ask(key, phase)
         self.e.prompts.expect_results(key, phase)
         return {}
+
+
+def _jsonable(value: Any) -> Any:
+    """A method output as the journal can hold it."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
 
 
 def _is_tag(name: str) -> bool:

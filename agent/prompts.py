@@ -11,6 +11,7 @@ signed content), checked for the two-person rule and journaled as ``signature`` 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +22,9 @@ from agent.records import Kind
 
 if TYPE_CHECKING:
     from agent.engine import Engine
+
+
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 class PromptRejected(Exception):
@@ -70,6 +74,7 @@ class Prompts:
         self.e = engine
         self.auth = authenticator
         self.open: dict[str, PendingPrompt] = {}
+        self._lock = asyncio.Lock()
 
     def views(self) -> list[dict[str, Any]]:
         return [p.view() for p in self.open.values()]
@@ -107,7 +112,14 @@ class Prompts:
     async def answer(
         self, phase_id: str, inputs: dict[str, Any], signatures: list[dict[str, str]], who: str
     ) -> dict[str, Any]:
-        """Check and accept an answer; ``PromptRejected`` (audited) when it cannot be."""
+        """Check and accept an answer; ``PromptRejected`` (audited) when it cannot be. Answers
+        are taken one at a time: a second answer to the same prompt finds it closed."""
+        async with self._lock:
+            return await self._answer(phase_id, inputs, signatures, who)
+
+    async def _answer(
+        self, phase_id: str, inputs: dict[str, Any], signatures: list[dict[str, str]], who: str
+    ) -> dict[str, Any]:
         pending = self.open.get(phase_id)
         if pending is None:
             raise PromptRejected(
@@ -161,7 +173,9 @@ class Prompts:
                 )
         await self._audit("prompt_answered", phase_id, who, inputs=typed)
         if pending.future is not None:
-            pending.future.set_result(typed)
+            self.open.pop(phase_id, None)  # answered: closed at once, before the phase resumes
+            if not pending.future.done():  # (cancelled if a hold interrupted the phase meanwhile)
+                pending.future.set_result(typed)
         else:  # results of a sample that did not hold the procedure
             self.open.pop(phase_id, None)
             self.e.memory.outputs[phase_id] = typed
@@ -170,15 +184,21 @@ class Prompts:
 
     def _check(self, name: str, spec: Input, raw: Any) -> tuple[Any, str | None]:
         try:
+            if isinstance(raw, bool) and spec.type != "bool":
+                raise ValueError(raw)
             if spec.type == "float":
                 value: Any = float(raw)
+                if not math.isfinite(value):
+                    raise ValueError(raw)
             elif spec.type == "int":
-                value = int(raw)
+                value = int(raw) if not isinstance(raw, float) or raw.is_integer() else None
+                if value is None:
+                    raise ValueError(raw)
             elif spec.type == "bool":
-                value = raw if isinstance(raw, bool) else str(raw).lower() in ("true", "yes", "1")
+                value = raw if isinstance(raw, bool) else _BOOLS[str(raw).strip().lower()]
             else:
                 value = str(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError, OverflowError):
             return None, f"{name}: {raw!r} is not a {spec.type}"
         if spec.pattern and not re.fullmatch(spec.pattern, str(value)):
             return None, f"{name}: {value!r} does not match {spec.pattern}"

@@ -1,11 +1,13 @@
 """What a run remembers, rebuilt from the journal: the basis of crash recovery.
 
 The engine journals an ``event`` record for every step it takes (``run_started``, ``run_state``,
-``phase_started``, ``phase_progress``, ``phase_completed``, ``loop_iteration``,
-``branch_taken``). ``RunMemory.apply`` folds those bodies into the state the engine needs to
-carry on: the completed phases (by their key: the path of indices through operations, phases,
-loop iterations), loop counters, branch decisions, the progress (elapsed seconds) of the phase
-that was running, phase outputs, parameters and binding. The same fold runs live (the engine
+``phase_started``, ``phase_progress``, ``phase_step``, ``phase_completed``, ``loop_iteration``,
+``branch_taken``, ``sample_taken``, ``sample_results``). ``RunMemory.apply`` folds those bodies
+into the state the engine needs to carry on: the completed phases (by their key: the path of
+indices through operations, phases, loop iterations), loop counters, branch decisions, the
+progress (elapsed seconds) of the phase that was running and the steps done inside it (a call
+made, a sample taken), phase outputs, sample results still to be entered, parameters and
+binding. The same fold runs live (the engine
 keeps its memory this way) and after a crash (``load_run``), so recovery cannot disagree with
 what the engine did.
 """
@@ -43,6 +45,8 @@ class RunMemory:
     current: Key | None = None
     elapsed_run: float = 0.0  # run time (s) at the last journaled step
     steps: dict[Key, list[str]] = field(default_factory=dict)  # actions done inside a phase
+    # samples taken whose results are still to be entered (phase id -> key)
+    pending_results: dict[str, Key] = field(default_factory=dict)
 
     def apply(self, body: dict[str, Any]) -> None:
         """Fold one journaled event body into the memory."""
@@ -76,6 +80,11 @@ class RunMemory:
             self.loops[key] = int(body["iteration"])
         elif event == "branch_taken":
             self.branches[key] = body["branch"]
+        elif event == "sample_taken" and not body.get("wait_for_results", False):
+            self.pending_results[body["phase"]] = key
+        elif event == "sample_results":
+            self.outputs[body["phase"]] = dict(body["results"])
+            self.pending_results.pop(body["phase"], None)
 
     @property
     def finished(self) -> bool:
