@@ -206,8 +206,11 @@ class AgentService:
         return sock
 
     async def _serve_api(self, sock: socket.socket) -> None:
-        server = uvicorn.Server(uvicorn.Config(self._api(), log_level="warning", lifespan="off",
-                                               timeout_graceful_shutdown=2))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                self._api(), log_level="warning", lifespan="off", timeout_graceful_shutdown=2
+            )
+        )
         # the service owns SIGTERM/SIGINT (it flushes the journal); uvicorn must not take them
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="api-server")
