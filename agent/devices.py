@@ -262,6 +262,9 @@ class DeviceHub:
                     async for sample in drv.observe(dev_tags):
                         delay = 0.5
                         await queue.put(sample)
+                    # the stream ended (the driver closed): look again after a pause, never in
+                    # a tight loop
+                    await self.clock.sleep(delay)
                 except DeviceUnavailable as exc:
                     log.warning("observe_failed", device=dev, error=str(exc))
                     now = self.clock.now()

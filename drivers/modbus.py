@@ -29,7 +29,6 @@ always wins and nothing queues up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -317,7 +316,8 @@ class ModbusDriver(DriverBase):
         try:
             await asyncio.wait({sleeper, closer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (sleeper, closer):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # cancel the helpers and let them finish; a cancellation of this task itself must
+            # propagate (suppressing CancelledError around `await task` would swallow it)
+            sleeper.cancel()
+            closer.cancel()
+            await asyncio.gather(sleeper, closer, return_exceptions=True)
