@@ -198,6 +198,9 @@ async def test_a_monitor_trip_holds_the_run_until_it_clears(rig: Rig, sim: SimTh
     await rig.wait_state(engine, RunState.COMPLETE, within=30)
 
 
+# Timing-sensitive on a loaded 2-core machine (the short run can end before the loss is seen):
+# run by `make test-slow`, not by `make test`.
+@pytest.mark.slow
 async def test_a_lost_device_raises_a_critical_alarm_and_holds(rig: Rig, sim: SimThread) -> None:
     """The bioreactor's server going away mid-phase raises device_lost_bioreactor (critical)
     and holds the run, the other devices still reaching their safe state; once it is back,
