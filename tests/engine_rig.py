@@ -17,7 +17,6 @@ import contextlib
 import json
 import sqlite3
 import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from agent.states import RunState
 from drivers.base import Quality
 from drivers.clock import ScaledClock
 from tests.conftest import free_port
+from tests.simthread import SimThread as BaseSimThread
 
 PASSWORD = "Correct-Horse-9"
 USERS = {"olive": "operator", "sam": "supervisor", "quinn": "qa"}
@@ -260,58 +260,17 @@ async def agent_rig(
             raise failures[0]
 
 
-class SimThread:
-    """A ``SimulatedUnit`` served by its own event loop in a thread (shared by a module's
-    tests; ``reset`` between tests), on the ports of ``env`` (see ``sim_env``)."""
+class SimThread(BaseSimThread):
+    """The simulated unit in its own thread (shared by a module's tests; ``reset`` between
+    tests), on the ports of ``env`` (see ``sim_env``)."""
 
     def __init__(self, env: Mapping[str, str], speed: float = SPEED) -> None:
+        super().__init__(sim_endpoints(env), speed)
         self.env = dict(env)
-        self.speed = speed
-        self.unit: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="sim")
-
-    async def _serve(self) -> None:
-        from simulators.unit import SimulatedUnit
-
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        try:
-            async with SimulatedUnit(ScaledClock(self.speed), sim_endpoints(self.env)) as unit:
-                self.unit = unit
-                self._ready.set()
-                await self._stop.wait()
-        except BaseException as exc:
-            self._error = exc
-            raise
-        finally:
-            self._ready.set()
-
-    def __enter__(self) -> SimThread:
-        self._thread.start()
-        self._ready.wait(30)
-        if self.unit is None:
-            raise RuntimeError(f"the simulated unit did not start: {self._error!r}")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
 
     async def call(self, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(unit)`` on the simulator's loop (awaiting it if it returns a coroutine)."""
-        assert self._loop is not None
-        unit = self.unit
-
-        async def run() -> Any:
-            result = fn(unit)
-            return await result if asyncio.iscoroutine(result) else result
-
-        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self.submit(fn))
 
     async def action(self, name: str) -> Any:
         """One of the unit's control actions (``bioreactor.restart``, ``clear``...)."""

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ import pytest
 from asyncua.common.callback import CallbackType, ServerItemCallback
 
 from agent.config import default_config_path, load_config
-from drivers.clock import ScaledClock
 from simulators.bioreactor_space import CONTROLLER_FUNCTIONS, SENSOR_FUNCTIONS
 from simulators.unit import SimEndpoints, SimulatedUnit
 from tests.conftest import free_port
+from tests.simthread import SimThread as BaseSimThread
 
 T = TypeVar("T")
 SPEED = 600.0  # ten simulated minutes per wall second
@@ -72,52 +71,16 @@ def json_lines(stdout: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
-class SimThread:
-    """A ``SimulatedUnit`` served by its own event loop in a thread."""
+class SimThread(BaseSimThread):
+    """The simulated unit in its own thread, at this module's speed."""
 
     def __init__(self, endpoints: SimEndpoints) -> None:
-        self.endpoints = endpoints
-        self.unit: SimulatedUnit | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="sim")
-
-    async def _serve(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        try:
-            async with SimulatedUnit(ScaledClock(SPEED), self.endpoints) as unit:
-                self.unit = unit
-                self._ready.set()
-                await self._stop.wait()
-        except BaseException as exc:
-            self._error = exc
-            raise
-        finally:
-            self._ready.set()
-
-    def __enter__(self) -> SimThread:
-        self._thread.start()
-        self._ready.wait(30)
-        if self.unit is None:
-            raise RuntimeError(f"the simulated unit did not start: {self._error!r}")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
+        super().__init__(endpoints, SPEED)
 
     def call(self, fn: Callable[[SimulatedUnit], T]) -> T:
         """Run ``fn(unit)`` on the simulator's loop and return its result."""
-        assert self._loop is not None and self.unit is not None
-        unit = self.unit
-
-        async def run() -> T:
-            return fn(unit)
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+        result: T = self.submit(fn).result(timeout=10)
+        return result
 
 
 @dataclass
