@@ -34,7 +34,16 @@ def _main(
 
 
 def _register() -> None:
-    from agent import cli_agent, cli_demo, cli_devices, cli_recipe, cli_run, cli_sim, cli_users
+    from agent import (
+        cli_agent,
+        cli_demo,
+        cli_devices,
+        cli_journal,
+        cli_recipe,
+        cli_run,
+        cli_sim,
+        cli_users,
+    )
 
     app.command("demo", help=cli_demo.demo.__doc__)(cli_demo.demo)
     app.add_typer(cli_devices.app, name="devices")
@@ -48,7 +57,8 @@ def _register() -> None:
     app.add_typer(cli_run.alarms_app, name="alarms")
     app.add_typer(cli_agent.agent_app, name="agent")
     app.add_typer(cli_agent.cs_app, name="control-site")
-    app.command("verify", help=cli_agent.verify.__doc__)(cli_agent.verify)
+    app.command("verify", help=cli_journal.verify.__doc__)(cli_journal.verify)
+    app.command("export", help=cli_journal.export.__doc__)(cli_journal.export)
     app.command("status", help=cli_agent.status.__doc__)(cli_agent.status)
 
 

@@ -1,4 +1,4 @@
-"""``bedside keys``, ``verify``, ``agent``, ``status`` and ``control-site`` commands."""
+"""``bedside keys``, ``agent``, ``status`` and ``control-site`` commands."""
 
 from __future__ import annotations
 
@@ -45,37 +45,6 @@ def keys_init(
     typer.echo(
         json.dumps({"state_dir": str(state_dir), "key_id": key.key_id, "public_key": public})
     )
-
-
-def verify(
-    path: Path,
-    public_key: str = typer.Option(None, "--public-key", help="the enrolled key (base64 or hex)"),
-) -> None:
-    """Verify a journal or an export offline; names the first bad record and why."""
-    from agent.records import JournalError
-    from agent.verify import verify_path
-
-    try:
-        report = verify_path(path, public_key)
-    except (JournalError, ValueError) as exc:
-        fail(str(exc))
-    typer.echo(
-        json.dumps(
-            {
-                "ok": report.ok,
-                "records": report.count,
-                "first_bad": report.first_bad,
-                "reason": report.reason,
-                "unit": report.unit,
-                "head_seq": report.head_seq,
-                "checkpoints": report.checkpoints,
-                "unsealed": report.unsealed,
-                "signatures_checked": report.signatures_checked,
-            }
-        )
-    )
-    if not report.ok:
-        raise typer.Exit(1)
 
 
 @agent_app.command("run")

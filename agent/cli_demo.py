@@ -101,7 +101,7 @@ def demo(
 ) -> None:
     """Run simulators, agent and control site: a CAR-T recipe end to end at accelerated time."""
     from agent.simulate import FaultPlan, simulate
-    from agent.verify import verify_path
+    from agent.journal_files import verify_path
     from controlsite.service import ControlSiteServer
     from controlsite.store import open_store
 

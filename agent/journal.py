@@ -53,7 +53,8 @@ from agent.records import (
     Signer,
     canonical,
 )
-from agent.verify import ChainVerifier, iter_rows, meta_ack, meta_keys, read_meta
+from agent.journal_files import checkpoint_rows, iter_rows, meta_ack, meta_anchor, read_meta
+from agent.verify import ChainVerifier, head_signed, root_keys
 
 if TYPE_CHECKING:
     from drivers.base import Sample
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+FORMAT = "2"
 APPENDABLE = frozenset({Kind.EVENT, Kind.ALARM, Kind.AUDIT, Kind.SIGNATURE, Kind.UPLINK})
 
 
@@ -185,71 +187,99 @@ class Journal:
             raise
 
     def _recover(self) -> JournalWriter:
-        """Check the unit, verify the tail from the record before the second-last checkpoint
-        and return a writer positioned at the head."""
+        """Verify the whole journal under the unit's own key and return a writer at its head.
+
+        Nothing is written before the journal has verified: a journal that names other keys,
+        whose history does not verify under the unit key (or the keys it rotated from, each
+        vouched for by its successor), or whose unsealed tail is not covered by the head
+        signature the agent renews with every commit, is refused with ``ChainBroken`` and left
+        untouched, so the agent never signs what it did not write."""
         conn = self._conn
         meta = read_meta(conn)
-        if meta.get("unit", self.unit) != self.unit:
+        own = getattr(self._signer, "public_key", None)
+        if own is None:
+            raise JournalError("the journal's signer has no public key to verify with")
+        if "unit" not in meta:
+            return self._create(conn, own)
+        if meta["unit"] != self.unit:
             raise JournalError(
                 f"journal {self.path} belongs to unit {meta['unit']!r}, not {self.unit!r}"
             )
-        if "unit" not in meta:
-            initial = [
-                ("format", "1"),
-                ("unit", self.unit),
-                ("anchor_seq", "0"),
-                ("anchor_hash", ZERO_HASH),
-            ]
-            conn.executemany(SET_META, initial)
-        key = getattr(self._signer, "public_key", None)
-        if key is not None:
-            conn.execute(SET_META, (f"key:{key.key_id}", key.b64))
-        meta = read_meta(conn)
-        anchor_seq = start_seq = int(meta["anchor_seq"])
-        start_hash = meta["anchor_hash"]
-        checkpoints = [
-            seq
-            for (seq,) in conn.execute(
-                "SELECT seq FROM records WHERE kind = 'checkpoint' ORDER BY seq DESC LIMIT 2"
+        if meta.get("format") != FORMAT:
+            raise JournalError(
+                f"journal {self.path} is in format {meta.get('format')!r}; this agent reads "
+                f"format {FORMAT} only: verify and archive it with the release that wrote it"
             )
-        ]
-        last_cp = checkpoints[0] if checkpoints else None
-        # from the record before the second-last checkpoint: at least one whole interval, even
-        # when the last checkpoint is the 'close' right after a periodic one
-        if checkpoints and checkpoints[-1] - 2 > start_seq:
-            first = checkpoints[-1] - 1
-            row = conn.execute("SELECT data FROM records WHERE seq = ?", (first,)).fetchone()
-            if row is not None:
-                start_seq, start_hash = first - 1, Record.parse(row[0], strict=False).prev
+        foreign = sorted(k for k in meta if k.startswith("key:"))
+        if foreign:
+            raise ChainBroken(
+                None,
+                f"journal {self.path} names keys for itself ({', '.join(foreign)}): journals "
+                "carry no keys; refused and left untouched",
+            )
+        anchor_seq, anchor_hash = meta_anchor(meta)
         ack = meta_ack(meta)
         verifier = ChainVerifier(
             unit=self.unit,
-            keys=meta_keys(meta),
-            anchor_seq=start_seq,
-            anchor_hash=start_hash,
+            keys=root_keys(checkpoint_rows(conn), {own.key_id: own}),
+            anchor_seq=anchor_seq,
+            anchor_hash=anchor_hash,
+            anchor_sig=meta.get("anchor_sig"),
             expect=ack,
+            key_source="the unit key file",
         )
         head = Head()
         try:
-            for data, row in iter_rows(conn, start_seq):
+            for data, row in iter_rows(conn, anchor_seq):
                 head.kind = verifier.feed(data, row=row).kind
-            verifier.finish()
+            verifier.finish(allow_unsealed=True)
+            self._check_tail(verifier, meta, own)
         except ChainBroken as exc:
-            self._log.error("journal_chain_broken", seq=exc.seq, reason=exc.reason)
-            raise
+            self._log.error("journal_refused", seq=exc.seq, reason=exc.reason)
+            raise ChainBroken(
+                exc.seq,
+                f"{exc.reason}. Journal {self.path} does not verify under the unit key "
+                f"{own.key_id}; it was left untouched",
+            ) from exc
         head.seq, head.hash = verifier.seq, verifier.hash
-        head.since_checkpoint = head.seq - (last_cp or 0)
-        self._log.info(
-            "journal_opened", head_seq=head.seq, verified_from=start_seq + 1, checkpoint=last_cp
-        )
+        head.since_checkpoint = head.seq - verifier.sealed_to
+        self._log.info("journal_opened", head_seq=head.seq, sealed_to=verifier.sealed_to)
+        return self._writer_at(head, anchor_seq, ack[0] if ack else 0)
+
+    def _check_tail(self, verifier: ChainVerifier, meta: dict[str, str], own: Any) -> None:
+        """The records after the last checkpoint must end at the head the agent signed."""
+        if verifier.seq == verifier.sealed_to:
+            return
+        if list(verifier.keys) != [own.key_id]:
+            raise ChainBroken(
+                verifier.last_checkpoint_seq,
+                f"the chain was handed to key {', '.join(verifier.keys)}, not the unit key",
+            )
+        if not head_signed(self.unit, (verifier.seq, verifier.hash), meta.get("head_sig"), own):
+            raise ChainBroken(
+                verifier.sealed_to + 1,
+                f"records {verifier.sealed_to + 1}-{verifier.seq} after the last checkpoint "
+                "are not the head the unit signed when it last wrote (added, changed or cut "
+                "while the agent was stopped)",
+            )
+
+    def _create(self, conn: sqlite3.Connection, own: Any) -> JournalWriter:
+        if conn.execute("SELECT 1 FROM records LIMIT 1").fetchone() is not None:
+            raise ChainBroken(None, f"journal {self.path} holds records but no unit: refused")
+        initial = [("format", FORMAT), ("unit", self.unit), ("anchor_seq", "0")]
+        conn.executemany(SET_META, [*initial, ("anchor_hash", ZERO_HASH)])
+        self._log.info("journal_created", key_id=own.key_id)
+        return self._writer_at(Head(), 0, 0)
+
+    def _writer_at(self, head: Head, anchor_seq: int, acked: int) -> JournalWriter:
         return JournalWriter(
-            conn,
+            self._conn,
             unit=self.unit,
             signer=self._signer,
             clock=self._clock,
             head=head,
             anchor_seq=anchor_seq,
-            acked=ack[0] if ack else 0,
+            acked=acked,
             checkpoint_every=self._checkpoint_every,
             max_samples=self._max_samples,
             log=self._log,
@@ -324,6 +354,27 @@ class Journal:
     def append_sync(self, kind: Kind | str, body: dict[str, Any], run: str | None = None) -> Record:
         """``append`` for tools without an event loop."""
         return self._submit("append", self._prepare(kind, body, run)).result()
+
+    async def append_signed(
+        self,
+        kind: Kind | str,
+        body: dict[str, Any],
+        run: str | None,
+        signatures: Sequence[dict[str, Any]],
+    ) -> tuple[Record, list[Record]]:
+        """Journal a record and the electronic signatures about it in one transaction: each
+        signature record gets ``subject`` = the record's (seq, hash), which ``verify`` checks."""
+        subject = self._prepare(kind, body, run)
+        sigs = [self._prepare(Kind.SIGNATURE, dict(sig), run)[1] for sig in signatures]
+        return await asyncio.wrap_future(self._submit("signed", (subject, sigs)))
+
+    def rotate_key_sync(self, next_signer: Any, reason: str = "key rotation") -> Record:
+        """Hand the chain to ``next_signer``: a checkpoint signed by the current key and by the
+        next one (see docs/record-format.md §3.1); later checkpoints are signed by the next."""
+        self._submit_buffer()
+        record: Record = self._submit("rotate", (reason, next_signer)).result()
+        self._signer = next_signer
+        return record
 
     def record_samples(self, samples: Sequence[Sample]) -> None:
         """Buffer samples (never blocks); they become a samples record at the next flush."""

@@ -8,14 +8,21 @@ else, so records are contiguous and chained whatever thread or task submitted th
 transaction is rolled back, the head restored, and every job of the batch fails with
 ``JournalStorageError``; the thread itself survives any failure, since callers wait on it.
 
-Jobs: ``append`` (kind, body, run), ``samples`` (list of Sample), ``checkpoint`` (reason),
-``seal`` (a checkpoint unless nothing is new), ``ack`` (seq), ``prune`` (retention seconds),
-``barrier`` (nothing: a flush), ``stop``.
+Jobs: ``append`` (kind, body, run), ``signed`` (a subject record and the electronic
+signatures bound to it, in one transaction), ``samples`` (list of Sample), ``checkpoint``
+(reason), ``seal`` (a checkpoint unless nothing is new), ``rotate`` (a checkpoint handing the
+chain to a new key), ``ack`` (seq), ``prune`` (retention seconds), ``barrier`` (nothing: a
+flush), ``stop``.
+
+Every transaction that moves the head also renews ``meta.head_sig``, the unit key's signature
+over (unit, head seq, head hash): at the next start the agent seals only a tail it can prove it
+wrote itself (see ``Journal._recover``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import sqlite3
 import threading
@@ -31,10 +38,14 @@ from agent.records import (
     Kind,
     Record,
     RecordFormatError,
+    PublicSigner,
     Signer,
+    anchor_payload,
+    b64,
     checkpoint_body,
     encode_samples,
     format_time,
+    head_payload,
 )
 
 if TYPE_CHECKING:
@@ -55,7 +66,15 @@ Job = tuple[str, Any, Future[Any]]
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
-    """A connection to the journal file in WAL mode with ``synchronous=FULL``, schema created."""
+    """A connection to the journal file in WAL mode with ``synchronous=FULL``, schema created.
+
+    The file is made private (0600) before SQLite opens it; SQLite creates the ``-wal`` and
+    ``-shm`` files with the database file's mode, so they are private too."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise JournalStorageError(f"cannot open journal {path}: {exc}") from exc
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -147,7 +166,7 @@ class JournalWriter:
     def _run_batch(self, batch: list[Job]) -> None:
         if not batch:
             return
-        saved = Head(**vars(self._head))
+        saved, signer = Head(**vars(self._head)), self._signer
         results: list[Any] = []
         try:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -158,11 +177,13 @@ class JournalWriter:
                     results.append(exc)
                 if self._head.since_checkpoint >= self._checkpoint_every:
                     self._write_checkpoint(f"every {self._checkpoint_every} records")
+            if self._head.seq != saved.seq:
+                self._sign_head()
             self._conn.execute("COMMIT")
         except Exception as exc:  # the thread must outlive any failure: callers wait on it
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-            self._head = saved
+            self._head, self._signer = saved, signer
             self._fail(batch, exc)
             return
         if self._failing:
@@ -189,6 +210,17 @@ class JournalWriter:
         if job == "append":
             kind, body, run = payload
             return self._write(kind, body, run)
+        if job == "signed":
+            (kind, body, run), signatures = payload
+            subject = self._write(kind, body, run)
+            bound = {"seq": subject.seq, "hash": subject.hash_hex}
+            sigs = [self._write(Kind.SIGNATURE, {**sig, "subject": bound}, run) for sig in signatures]
+            return subject, sigs
+        if job == "rotate":
+            reason, next_signer = payload
+            record = self._write_checkpoint(reason, next_signer=next_signer)
+            self._signer = next_signer
+            return record
         if job == "samples":
             last = None
             for start in range(0, len(payload), self._max_samples):
@@ -232,16 +264,27 @@ class JournalWriter:
         head.since_checkpoint = 0 if kind is Kind.CHECKPOINT else head.since_checkpoint + 1
         return record
 
-    def _write_checkpoint(self, reason: str) -> Record:
+    def _write_checkpoint(self, reason: str, next_signer: PublicSigner | None = None) -> Record:
         time = format_time(self._clock.now())
         head = self._head
         body = checkpoint_body(
-            self._signer, unit=self._unit, seq=head.seq, head=head.hash, time=time, reason=reason
+            self._signer,
+            unit=self._unit,
+            seq=head.seq,
+            head=head.hash,
+            time=time,
+            reason=reason,
+            next_signer=next_signer,
         )
         record = self._write(Kind.CHECKPOINT, body, None, time)
         self.last_checkpoint_at = self._clock.monotonic()
         self._log.debug("journal_checkpoint", seq=record.seq, reason=reason)
         return record
+
+    def _sign_head(self) -> None:
+        head = self._head
+        sig = self._signer.sign(head_payload(self._unit, head.seq, head.hash))
+        self._conn.execute(SET_META, ("head_sig", f"{self._signer.key_id}:{b64(sig)}"))
 
     def _prune(self, retention_seconds: float) -> int:
         """Delete the oldest acknowledged records older than the retention, keeping the head;
@@ -259,7 +302,13 @@ class JournalWriter:
             "SELECT hash FROM records WHERE seq = ?", (upto,)
         ).fetchone()
         deleted = self._conn.execute("DELETE FROM records WHERE seq <= ?", (upto,)).rowcount
-        anchor = [("anchor_seq", str(upto)), ("anchor_hash", bytes(anchor_hash).hex())]
+        anchor_hex = bytes(anchor_hash).hex()
+        sig = self._signer.sign(anchor_payload(self._unit, upto, anchor_hex))
+        anchor = [
+            ("anchor_seq", str(upto)),
+            ("anchor_hash", anchor_hex),
+            ("anchor_sig", f"{self._signer.key_id}:{b64(sig)}"),
+        ]
         self._conn.executemany(SET_META, anchor)
         self._anchor_seq = upto
         self._log.info("journal_pruned", records=deleted, anchor_seq=upto)

@@ -91,6 +91,18 @@ class Signer(Protocol):
     def sign(self, data: bytes) -> bytes: ...
 
 
+class _Public(Protocol):
+    @property
+    def b64(self) -> str: ...
+
+
+class PublicSigner(Signer, Protocol):
+    """A signer whose public key is known (a key rotation names it)."""
+
+    @property
+    def public_key(self) -> _Public: ...
+
+
 def format_time(when: datetime) -> str:
     """A timezone-aware time as RFC 3339 UTC with microseconds: ``2026-11-25T10:00:00.123456Z``."""
     if when.tzinfo is None:
@@ -251,26 +263,82 @@ def _check_fields(obj: Mapping[str, Any]) -> None:
         raise RecordFormatError(f"prev {prev!r} must be 64 lowercase hex digits")
 
 
-# --- checkpoints -----------------------------------------------------------------------------
+# --- checkpoints, anchors and head signatures -----------------------------------------------
+
+CHECKPOINT_PURPOSE = "bedside-checkpoint/2"
+ANCHOR_PURPOSE = "bedside-anchor/1"
+HEAD_PURPOSE = "bedside-head/1"
+MAX_REASON = 200
+CHECKPOINT_BODY = frozenset({"signed", "key", "sig"})
+CHECKPOINT_SIGNED = frozenset({"purpose", "unit", "seq", "head", "time", "reason"})
 
 
-def checkpoint_payload(unit: str, seq: int, head: str, time: str) -> bytes:
-    """The bytes a checkpoint signs: canonical JSON of ``{unit, seq, head, time}``."""
-    return canonical({"unit": unit, "seq": seq, "head": head, "time": time}, what="signed")
+def b64(data: bytes) -> str:
+    """Standard base64 with padding, as signatures are written."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def checkpoint_signed(
+    unit: str, seq: int, head: str, time: str, reason: str, *, rotate: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """What a checkpoint signs: every member that can influence a verdict (see
+    docs/record-format.md §3). ``rotate`` ({from, to}: base64 public keys) makes it a key
+    rotation."""
+    if not isinstance(reason, str) or len(reason) > MAX_REASON:
+        raise RecordFormatError(f"checkpoint reason must be text of at most {MAX_REASON} chars")
+    signed: dict[str, Any] = {
+        "purpose": CHECKPOINT_PURPOSE,
+        "unit": unit,
+        "seq": seq,
+        "head": head,
+        "time": time,
+        "reason": reason,
+    }
+    if rotate is not None:
+        signed["rotate"] = rotate
+    return signed
 
 
 def checkpoint_body(
-    signer: Signer, *, unit: str, seq: int, head: str, time: str, reason: str
+    signer: Signer,
+    *,
+    unit: str,
+    seq: int,
+    head: str,
+    time: str,
+    reason: str,
+    next_signer: PublicSigner | None = None,
 ) -> dict[str, Any]:
-    """The body of a checkpoint record that follows record ``seq`` whose hash is ``head``."""
-    signed = {"unit": unit, "seq": seq, "head": head, "time": time}
-    sig = signer.sign(checkpoint_payload(unit, seq, head, time))
-    return {
-        "signed": signed,
-        "sig": base64.b64encode(sig).decode("ascii"),
-        "key": signer.key_id,
-        "reason": reason,
-    }
+    """The body of a checkpoint record that follows record ``seq`` whose hash is ``head``.
+
+    With ``next_signer`` the checkpoint also rotates the unit key: it names both public keys
+    and carries the next key's signature over the same bytes (``next_sig``), so neither key
+    alone can introduce the other."""
+    rotate = None
+    if next_signer is not None:
+        current = getattr(signer, "public_key", None)
+        if current is None:
+            raise RecordFormatError("a key rotation needs the current key's public key")
+        rotate = {"from": current.b64, "to": next_signer.public_key.b64}
+    signed = checkpoint_signed(unit, seq, head, time, reason, rotate=rotate)
+    payload = canonical(signed, what="signed")
+    body = {"signed": signed, "key": signer.key_id, "sig": b64(signer.sign(payload))}
+    if next_signer is not None:
+        body["next_sig"] = b64(next_signer.sign(payload))
+    return body
+
+
+def anchor_payload(unit: str, seq: int, hash_hex: str) -> bytes:
+    """The bytes a prune anchor's signature covers: records up to ``seq`` were deleted and the
+    last of them hashed to ``hash_hex``."""
+    signed = {"purpose": ANCHOR_PURPOSE, "unit": unit, "seq": seq, "hash": hash_hex}
+    return canonical(signed, what="anchor")
+
+
+def head_payload(unit: str, seq: int, hash_hex: str) -> bytes:
+    """The bytes of the journal's head signature (``meta.head_sig``), renewed with every commit:
+    the agent's proof, at its next start, that it wrote the unsealed tail itself."""
+    return canonical({"purpose": HEAD_PURPOSE, "unit": unit, "seq": seq, "head": hash_hex})
 
 
 # --- samples ---------------------------------------------------------------------------------

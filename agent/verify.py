@@ -1,50 +1,59 @@
-"""Offline verification of a journal: a SQLite file or an export, record by record.
+"""Verification of a unit's records: a chain that verifies is one no one could have forged.
 
 ``ChainVerifier`` checks a stream of canonical records incrementally (the control site's ingest
-feeds it batch after batch, starting from the head it stores); ``verify_path`` runs it over a
-journal file or export and says whether it holds, naming the first bad record and why.
+feeds it batch after batch, starting from the head it stores; ``agent.journal_files`` feeds it a
+journal file or an export). Trust comes **only from the keys the caller gives** (the key
+enrolled at the control site, or the unit's own key file), never from the records or the file.
 
-What is checked, per record: canonical bytes; the unit; seq contiguous after the anchor; ``prev``
-equal to the previous record's hash; for a SQLite file, the row's columns against the bytes; for
-a checkpoint, that it signs exactly (unit, previous seq, previous hash, its own time) with a
-known key. A tail cut off after the last checkpoint leaves a valid shorter chain: it is found only
-against an external head (``expect``: the control site's acknowledged seq and hash, or the
-journal's own record of the last acknowledgement). ``first_bad`` is the earliest record that can
-no longer be trusted.
+Per record: canonical bytes; the unit; seq contiguous after the anchor; ``prev`` equal to the
+previous record's hash; for a checkpoint, that it signs exactly (purpose, unit, previous seq,
+previous hash, its own time, its reason[, a key rotation]) with a trusted key and has no other
+member; for a signature record, that it binds the content it signs (``record_hash``) and the
+journal record it is about (``subject``: seq and hash of an earlier record of the same run).
+
+At the end (``finish``): an external head (``expect``) must be reached; a pruned journal's
+anchor must carry a signature of a trusted key (or, for an extract, be vouched for by the
+checkpoint the extract starts with); and every record must be **covered** by a later checkpoint
+(records after the last one are *unsealed* and fail unless ``allow_unsealed``, for a live
+journal). ``first_bad`` is always the earliest record that can no longer be trusted.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import itertools
-import json
-import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from agent.keys import PublicKey
 from agent.records import (
+    CHECKPOINT_BODY,
+    CHECKPOINT_PURPOSE,
+    CHECKPOINT_SIGNED,
+    MAX_REASON,
     ZERO_HASH,
     ChainBroken,
-    JournalStorageError,
     Kind,
     Record,
     RecordFormatError,
+    anchor_payload,
     canonical,
-    checkpoint_payload,
+    head_payload,
 )
 
-EXPORT_FORMAT = "bedside-journal-export/1"
-SQLITE_MAGIC = b"SQLite format 3\x00"
+Row = tuple[int, str, str, str | None, bytes]
 
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
-    """The outcome of a verification. ``unsealed`` counts records after the last checkpoint
-    (chained but not yet covered by a signature)."""
+    """The outcome of a verification.
+
+    ``sealed_to`` is the last record a trusted signature covers; ``unsealed`` counts the
+    records after it. ``anchor_proof`` says why the records before the first one may be absent
+    (``"none"`` for a journal that starts at record 1). ``key_source`` says where the trusted
+    keys came from, ``trusted`` lists them and ``signed_by`` the keys that actually signed."""
 
     ok: bool
     count: int
@@ -52,46 +61,89 @@ class VerifyReport:
     reason: str = ""
     unit: str | None = None
     anchor_seq: int = 0
+    anchor_proof: str = "none"
+    first_seq: int = 0
     head_seq: int = 0
     head_hash: str = ZERO_HASH
     checkpoints: int = 0
+    sealed_to: int = 0
     unsealed: int = 0
-    signatures_checked: bool = False
-    key_source: str = "none"
-    key_ids: tuple[str, ...] = field(default_factory=tuple)
+    signatures: int = 0
+    key_source: str = ""
+    trusted: tuple[str, ...] = ()
+    signed_by: tuple[str, ...] = ()
+    rotations: tuple[tuple[int, str, str], ...] = field(default_factory=tuple)
+    scope: str = "journal"
+    run_ended: str | None = None
+
+
+def parse_signature(text: str | None) -> tuple[str, bytes] | None:
+    """``"<key id>:<base64>"`` (as meta stores anchor and head signatures) or None."""
+    if not text or ":" not in text:
+        return None
+    key_id, _, sig = text.partition(":")
+    try:
+        return key_id, base64.b64decode(sig, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+
+
+def _b64(value: Any, what: str, seq: int) -> bytes:
+    try:
+        return base64.b64decode(str(value), validate=True)
+    except (ValueError, binascii.Error):
+        raise ChainBroken(seq, f"{what} is not base64") from None
 
 
 class ChainVerifier:
     """Verify records one at a time after an anchor (seq 0 and 64 zeros for a whole journal).
 
-    ``keys`` maps key ids to public keys; without keys, checkpoint signatures are not checked
-    (``signatures_checked`` stays false). ``expect`` is an external (seq, hash hex) the chain
-    must contain. ``feed`` raises ``ChainBroken`` at the first bad record.
+    ``keys`` maps key ids to the trusted public keys; a checkpoint that rotates the key to a new
+    one (signed by both) makes the new key the only trusted one from there on. ``expect`` is an
+    external (seq, hash hex) the chain must contain. ``anchor_sig`` is the meta/header
+    signature of a pruned journal's anchor; ``extract`` accepts instead an anchor vouched for by
+    the first record being a checkpoint over it (a run export). ``feed`` raises ``ChainBroken``
+    at the first bad record, ``finish`` at the first record the end checks condemn.
     """
 
     def __init__(
         self,
         *,
+        keys: Mapping[str, PublicKey],
         unit: str | None = None,
-        keys: Mapping[str, PublicKey] | None = None,
         anchor_seq: int = 0,
         anchor_hash: str = ZERO_HASH,
+        anchor_sig: str | None = None,
+        extract: bool = False,
         expect: tuple[int, str] | None = None,
+        key_source: str = "given",
     ) -> None:
+        if isinstance(anchor_seq, bool) or not isinstance(anchor_seq, int) or anchor_seq < 0:
+            raise ChainBroken(None, f"anchor seq {anchor_seq!r} is not an integer from 0")
         self.unit = unit
-        self.keys = dict(keys) if keys is not None else None
+        self.keys = dict(keys)
+        self.trusted_ever = dict(keys)
+        self.key_source = key_source
         self.anchor_seq = anchor_seq
+        self.anchor_hash = anchor_hash
+        self.anchor_sig = anchor_sig
+        self.anchor_proof = "none"
+        self.extract = extract
         self.seq = anchor_seq
         self.hash = anchor_hash
         self.expect = expect
         self.count = 0
         self.checkpoints = 0
         self.last_checkpoint_seq = 0
-        self.key_ids: set[str] = set()
+        self.signatures = 0
+        self.signed_by: set[str] = set()
+        self.rotations: list[tuple[int, str, str]] = []
+        # (hash, run) of the records a signature may be about: small, never samples
+        self._subjects: dict[int, tuple[str, str | None]] = {}
 
-    def feed(
-        self, data: bytes, *, row: tuple[int, str, str, str | None, bytes] | None = None
-    ) -> Record:
+    # --- per record --------------------------------------------------------------------------
+
+    def feed(self, data: bytes, *, row: Row | None = None) -> Record:
         """Check the next record; ``row`` is a SQLite row's (seq, time, kind, run, hash)."""
         expected = self.seq + 1
         try:
@@ -128,6 +180,10 @@ class ChainVerifier:
             )
         if record.kind is Kind.CHECKPOINT:
             self._check_checkpoint(record)
+        elif record.kind is Kind.SIGNATURE:
+            self._check_signature(record)
+        if record.kind not in (Kind.SAMPLES, Kind.CHECKPOINT):
+            self._subjects[record.seq] = (record.hash_hex, record.run)
         if self.expect and record.seq == self.expect[0] and record.hash_hex != self.expect[1]:
             raise ChainBroken(
                 record.seq,
@@ -138,7 +194,7 @@ class ChainVerifier:
         self.count += 1
         return record
 
-    def _check_row(self, record: Record, row: tuple[int, str, str, str | None, bytes]) -> None:
+    def _check_row(self, record: Record, row: Row) -> None:
         seq, time, kind, run, stored_hash = row
         if record.seq != seq:
             raise ChainBroken(seq, f"row {seq} holds the bytes of record {record.seq}")
@@ -148,56 +204,135 @@ class ChainVerifier:
             raise ChainBroken(seq, "the row's time/kind/run columns differ from its bytes")
 
     def _check_checkpoint(self, record: Record) -> None:
-        body = record.body
-        expected: dict[str, Any] = {
+        body, seq = record.body, record.seq
+        rotate = isinstance(body.get("signed"), dict) and "rotate" in body["signed"]
+        members = CHECKPOINT_BODY | {"next_sig"} if rotate else CHECKPOINT_BODY
+        if set(body) != members:
+            raise ChainBroken(
+                seq, f"checkpoint has members {sorted(body)}, not exactly {sorted(members)}"
+            )
+        signed = body["signed"]
+        allowed = CHECKPOINT_SIGNED | {"rotate"} if rotate else CHECKPOINT_SIGNED
+        expected = {
+            "purpose": CHECKPOINT_PURPOSE,
             "unit": record.unit,
-            "seq": record.seq - 1,
+            "seq": seq - 1,
             "head": record.prev,
             "time": record.time,
         }
-        if body.get("signed") != expected:
+        if (
+            not isinstance(signed, dict)
+            or set(signed) != allowed
+            or any(signed[k] != v for k, v in expected.items())
+            or not isinstance(signed["reason"], str)
+            or len(signed["reason"]) > MAX_REASON
+        ):
             raise ChainBroken(
-                record.seq,
-                f"checkpoint signs {body.get('signed')!r} but follows record {record.seq - 1} "
-                f"with hash {record.prev[:16]}...",
+                seq,
+                f"checkpoint signs {signed!r} but follows record {seq - 1} with hash "
+                f"{record.prev[:16]}...",
             )
-        key_id = body.get("key")
-        try:
-            sig = base64.b64decode(str(body.get("sig")), validate=True)
-        except (ValueError, binascii.Error):
-            raise ChainBroken(record.seq, "checkpoint signature is not base64") from None
-        if self.keys is not None:
-            key = self.keys.get(str(key_id))
-            if key is None:
-                known = ", ".join(sorted(self.keys)) or "none"
-                raise ChainBroken(
-                    record.seq,
-                    f"checkpoint signed by key {key_id}, not the unit's key ({known}): "
-                    "re-signed with another key",
-                )
-            payload = checkpoint_payload(record.unit, record.seq - 1, record.prev, record.time)
-            if not key.verify(sig, payload):
-                raise ChainBroken(
-                    record.seq,
-                    f"checkpoint signature does not verify with key {key_id}: records after "
-                    f"checkpoint {self.last_checkpoint_seq} were rewritten",
-                )
-        self.key_ids.add(str(key_id))
+        key_id = str(body["key"])
+        key = self.keys.get(key_id)
+        if key is None:
+            trusted = ", ".join(sorted(self.keys)) or "none"
+            raise ChainBroken(
+                seq,
+                f"checkpoint signed by key {key_id}, not a trusted key of the unit ({trusted}):"
+                " re-signed with another key",
+            )
+        payload = canonical(signed, what="signed")
+        if not key.verify(_b64(body["sig"], "checkpoint signature", seq), payload):
+            raise ChainBroken(
+                seq,
+                f"checkpoint signature does not verify with key {key_id}: records after "
+                f"checkpoint {self.last_checkpoint_seq} were rewritten",
+            )
+        if rotate:
+            self._rotate(seq, key, signed["rotate"], body["next_sig"], payload)
+        if self.checkpoints == 0 and self.count == 0 and self.anchor_seq > 0 and self.extract:
+            self.anchor_proof = f"checkpoint {seq} signs the anchor (an extract)"
+        self.signed_by.add(key_id)
         self.checkpoints += 1
-        self.last_checkpoint_seq = record.seq
+        self.last_checkpoint_seq = seq
 
-    def finish(self) -> None:
-        """Check the end of the stream against ``expect`` (truncation)."""
+    def _rotate(self, seq: int, old: PublicKey, rotate: Any, next_sig: Any, payload: bytes) -> None:
+        try:
+            if not isinstance(rotate, dict) or set(rotate) != {"from", "to"}:
+                raise ValueError("rotate must be {from, to}")
+            if PublicKey.parse(str(rotate["from"])) != old:
+                raise ValueError("rotate.from is not the key that signed it")
+            new = PublicKey.parse(str(rotate["to"]))
+        except ValueError as exc:
+            raise ChainBroken(seq, f"key rotation is malformed: {exc}") from None
+        if not new.verify(_b64(next_sig, "next key signature", seq), payload):
+            raise ChainBroken(seq, f"key rotation to {new.key_id} is not signed by that key")
+        self.keys = {new.key_id: new}
+        self.trusted_ever[new.key_id] = new
+        self.rotations.append((seq, old.key_id, new.key_id))
+
+    def _check_signature(self, record: Record) -> None:
+        body, seq = record.body, record.seq
+        content, subject = body.get("record"), body.get("subject")
+        if not isinstance(content, dict) or not isinstance(subject, dict):
+            raise ChainBroken(seq, "signature record lacks the signed record or its subject")
+        digest = hashlib.sha256(canonical(content, what="signed record")).hexdigest()
+        if body.get("record_hash") != digest:
+            raise ChainBroken(
+                seq, "signature's record_hash is not the hash of the record it holds (changed)"
+            )
+        target, target_hash = subject.get("seq"), subject.get("hash")
+        if isinstance(target, bool) or not isinstance(target, int) or not 0 < target < seq:
+            raise ChainBroken(seq, f"signature's subject {target!r} is not an earlier record")
+        if target > self.anchor_seq:
+            found = self._subjects.get(target)
+            if found is None or found[0] != target_hash or found[1] != record.run:
+                raise ChainBroken(
+                    seq,
+                    f"signature is bound to record {target} with hash {str(target_hash)[:16]}..."
+                    f", which is not a record of run {record.run} with that hash",
+                )
+        self.signatures += 1
+
+    # --- at the end --------------------------------------------------------------------------
+
+    def finish(self, *, allow_unsealed: bool = False) -> None:
+        """The end checks: the external head, the anchor's proof, and coverage."""
         if self.expect is not None and self.expect[0] > self.seq:
             raise ChainBroken(
                 self.seq + 1,
                 f"missing: the journal ends at record {self.seq} but record {self.expect[0]} "
                 "was acknowledged (tail truncated)",
             )
+        if self.anchor_seq > 0 and self.anchor_proof == "none":
+            self._check_anchor()
+        if not allow_unsealed and self.seq > self.sealed_to:
+            first = self.sealed_to + 1
+            raise ChainBroken(
+                first,
+                f"unsealed: {self.seq - self.sealed_to} records ({first}-{self.seq}) are not "
+                "covered by a checkpoint signed with a trusted key",
+            )
 
-    def report(self, error: ChainBroken | None = None, *, key_source: str = "none") -> VerifyReport:
+    def _check_anchor(self) -> None:
+        parsed = parse_signature(self.anchor_sig)
+        key = self.trusted_ever.get(parsed[0]) if parsed else None
+        payload = anchor_payload(str(self.unit), self.anchor_seq, self.anchor_hash)
+        if key is None or parsed is None or not key.verify(parsed[1], payload):
+            raise ChainBroken(
+                self.anchor_seq + 1,
+                f"records up to {self.anchor_seq} are absent and the anchor carries no valid "
+                "signature of a trusted key: records may have been removed (a faked prune)",
+            )
+        self.anchor_proof = f"pruned, anchor signed by key {key.key_id}"
+
+    @property
+    def sealed_to(self) -> int:
+        """The last record covered by a verified checkpoint (the anchor if none)."""
+        return max(self.last_checkpoint_seq, self.anchor_seq)
+
+    def report(self, error: ChainBroken | None = None) -> VerifyReport:
         """The report so far, failed at ``error`` if given."""
-        sealed_to = self.last_checkpoint_seq or self.anchor_seq
         return VerifyReport(
             ok=error is None,
             count=self.count,
@@ -205,191 +340,70 @@ class ChainVerifier:
             reason=str(error) if error else "",
             unit=self.unit,
             anchor_seq=self.anchor_seq,
+            anchor_proof=self.anchor_proof,
+            first_seq=self.anchor_seq + 1 if self.count else 0,
             head_seq=self.seq,
             head_hash=self.hash,
             checkpoints=self.checkpoints,
-            unsealed=self.seq - sealed_to,
-            signatures_checked=self.keys is not None and self.checkpoints > 0,
-            key_source=key_source,
-            key_ids=tuple(sorted(self.key_ids)),
+            sealed_to=self.sealed_to,
+            unsealed=self.seq - self.sealed_to,
+            signatures=self.signatures,
+            key_source=self.key_source,
+            trusted=tuple(sorted(self.trusted_ever)),
+            signed_by=tuple(sorted(self.signed_by)),
+            rotations=tuple(self.rotations),
         )
 
 
 def verify_records(
-    records: Iterable[bytes], verifier: ChainVerifier, *, key_source: str = "none"
+    records: Iterable[bytes], verifier: ChainVerifier, *, allow_unsealed: bool = False
 ) -> VerifyReport:
-    """Feed every record to ``verifier`` and report."""
+    """Feed every record to ``verifier``, run the end checks and report."""
     try:
         for data in records:
             verifier.feed(data)
-        verifier.finish()
+        verifier.finish(allow_unsealed=allow_unsealed)
     except ChainBroken as exc:
-        return verifier.report(exc, key_source=key_source)
-    return verifier.report(key_source=key_source)
+        return verifier.report(exc)
+    return verifier.report()
 
 
-# --- journal files and exports ---------------------------------------------------------------
+def root_keys(checkpoints: Iterable[bytes], keys: Mapping[str, PublicKey]) -> dict[str, PublicKey]:
+    """The keys to start verifying with, given the keys the caller trusts now.
 
-
-def connect_readonly(path: str | Path) -> sqlite3.Connection:
-    """A read-only connection to a journal file (safe while the agent writes it: WAL)."""
-    try:
-        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
-        conn.execute("SELECT 1 FROM records LIMIT 1")
-    except sqlite3.Error as exc:
-        raise JournalStorageError(f"{path} is not a readable journal: {exc}") from exc
-    return conn
-
-
-def read_meta(conn: sqlite3.Connection) -> dict[str, str]:
-    """The journal's ``meta`` table (unit, anchor, acknowledgement, public keys)."""
-    return dict(conn.execute("SELECT key, value FROM meta").fetchall())
-
-
-def meta_keys(meta: Mapping[str, str]) -> dict[str, PublicKey]:
-    """Public keys the journal itself records (``key:<id>``): self-asserted, not enrolled."""
-    keys = {}
-    for name, value in meta.items():
-        if name.startswith("key:"):
-            key = PublicKey.parse(value)
-            keys[key.key_id] = key
-    return keys
-
-
-def meta_ack(meta: Mapping[str, str]) -> tuple[int, str] | None:
-    """The last acknowledgement the journal recorded, as (seq, hash hex)."""
-    if int(meta.get("acked_seq", "0")) <= 0:
-        return None
-    return int(meta["acked_seq"]), meta["acked_hash"]
-
-
-def iter_rows(
-    conn: sqlite3.Connection, after_seq: int = 0
-) -> Iterator[tuple[bytes, tuple[int, str, str, str | None, bytes]]]:
-    """(data, (seq, time, kind, run, hash)) of every record after ``after_seq``, in seq order."""
-    cursor = conn.execute(
-        "SELECT seq, time, kind, run, hash, data FROM records WHERE seq > ? ORDER BY seq",
-        (after_seq,),
-    )
-    for seq, time, kind, run, stored_hash, data in cursor:
-        # a tampered row may hold text or NULL: compare it as bytes rather than crash
-        yield _as_bytes(data), (seq, time, kind, run, _as_bytes(stored_hash))
-
-
-def _as_bytes(value: object) -> bytes:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    return str(value).encode("utf-8") if value is not None else b""
-
-
-def _verify_db(
-    path: Path, given: dict[str, PublicKey] | None, expect: tuple[int, str] | None
-) -> VerifyReport:
-    conn = connect_readonly(path)
-    try:
-        meta = read_meta(conn)
-        keys, source = (given, "given") if given is not None else (meta_keys(meta), "journal")
-        verifier = ChainVerifier(
-            unit=meta.get("unit"),
-            keys=keys,
-            anchor_seq=int(meta.get("anchor_seq", "0")),
-            anchor_hash=meta.get("anchor_hash", ZERO_HASH),
-            expect=expect or meta_ack(meta),
-        )
+    A key rotation is signed by both keys, so a key the caller trusts vouches for the key it
+    replaced: walking the journal's rotations backwards from each trusted key yields the key
+    the journal started with. Rotations whose new key's signature does not verify are ignored
+    (the forward verification then fails on them)."""
+    rotations: list[tuple[dict[str, Any], bytes, bytes]] = []
+    for data in checkpoints:
         try:
-            for data, row in iter_rows(conn):
-                verifier.feed(data, row=row)
-            verifier.finish()
-        except ChainBroken as exc:
-            return verifier.report(exc, key_source=source)
-        except sqlite3.Error as exc:
-            error = ChainBroken(verifier.seq + 1, f"unreadable row: {exc}")
-            return verifier.report(error, key_source=source)
-        return verifier.report(key_source=source)
-    finally:
-        conn.close()
+            record = Record.parse(data, strict=False)
+            if record.kind is not Kind.CHECKPOINT:
+                continue
+            body = record.body
+            signed = body["signed"]
+            if "rotate" in signed:
+                sig = base64.b64decode(str(body["next_sig"]), validate=True)
+                rotations.append((signed["rotate"], sig, canonical(signed, what="signed")))
+        except (RecordFormatError, KeyError, TypeError, ValueError, binascii.Error):
+            continue  # not a rotation the forward pass could accept either
+    roots = {}
+    for key in keys.values():
+        current = key
+        for rotate, sig, payload in reversed(rotations):
+            try:
+                if PublicKey.parse(str(rotate["to"])) == current and current.verify(sig, payload):
+                    current = PublicKey.parse(str(rotate["from"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        roots[current.key_id] = current
+    return roots
 
 
-def _verify_export(
-    path: Path, given: dict[str, PublicKey] | None, expect: tuple[int, str] | None
-) -> VerifyReport:
-    with path.open("rb") as lines:
-        first = lines.readline()
-        try:
-            parsed = json.loads(first) if first.strip() else None
-        except ValueError:
-            parsed = None
-        header: dict[str, Any] = {}
-        if isinstance(parsed, dict) and parsed.get("export") == EXPORT_FORMAT:
-            header = parsed
-        header_keys = {k: PublicKey.parse(v) for k, v in header.get("keys", {}).items()}
-        keys, source = (given, "given") if given is not None else (header_keys, "export")
-        acked = header.get("acked")
-        verifier = ChainVerifier(
-            unit=header.get("unit"),
-            keys=keys,
-            anchor_seq=int(header.get("anchor_seq", 0)),
-            anchor_hash=str(header.get("anchor_hash", ZERO_HASH)),
-            expect=expect or ((int(acked[0]), str(acked[1])) if acked else None),
-        )
-        records = itertools.chain([] if header else [first], lines)
-        stripped = (line.rstrip(b"\n") for line in records)
-        return verify_records((line for line in stripped if line), verifier, key_source=source)
-
-
-def verify_path(
-    path: str | Path,
-    public_key: PublicKey | str | None = None,
-    *,
-    expect: tuple[int, str] | None = None,
-) -> VerifyReport:
-    """Verify a journal SQLite file or an export file.
-
-    ``public_key`` is the enrolled key (a ``PublicKey``, or its base64/hex); without it the
-    keys the journal names for itself are used, which proves integrity of the chain but not who
-    signed it. ``expect`` is an external (seq, hash) the journal must still contain.
-    """
-    file = Path(path)
-    given = None
-    if public_key is not None:
-        key = public_key if isinstance(public_key, PublicKey) else PublicKey.parse(public_key)
-        given = {key.key_id: key}
-    try:
-        with file.open("rb") as f:
-            magic = f.read(len(SQLITE_MAGIC))
-    except OSError as exc:
-        raise JournalStorageError(f"cannot read {file}: {exc}") from exc
-    if magic == SQLITE_MAGIC:
-        return _verify_db(file, given, expect)
-    return _verify_export(file, given, expect)
-
-
-def export(source: Any, dest: str | Path) -> int:
-    """Write a journal (a ``Journal`` or the path of its file) as an export: a header line, then
-    one canonical record per line. Returns the number of records written."""
-    db_path = Path(getattr(source, "path", source))
-    conn = connect_readonly(db_path)
-    count = 0
-    try:
-        meta = read_meta(conn)
-        ack = meta_ack(meta)
-        header = {
-            "export": EXPORT_FORMAT,
-            "unit": meta.get("unit"),
-            "anchor_seq": int(meta.get("anchor_seq", "0")),
-            "anchor_hash": meta.get("anchor_hash", ZERO_HASH),
-            "acked": list(ack) if ack else None,
-            "keys": {kid: key.b64 for kid, key in meta_keys(meta).items()},
-        }
-        tmp = Path(dest).with_name(Path(dest).name + ".tmp")
-        with tmp.open("wb") as out:
-            out.write(canonical(header, what="header") + b"\n")
-            for data, _row in iter_rows(conn):
-                out.write(data + b"\n")
-                count += 1
-        tmp.replace(dest)
-    except (sqlite3.Error, OSError) as exc:
-        raise JournalStorageError(f"cannot export {db_path} to {dest}: {exc}") from exc
-    finally:
-        conn.close()
-    return count
+def head_signed(unit: str, head: tuple[int, str], sig: str | None, key: PublicKey) -> bool:
+    """Whether ``sig`` (``meta.head_sig``) is ``key``'s signature over the journal's head."""
+    parsed = parse_signature(sig)
+    if parsed is None or parsed[0] != key.key_id:
+        return False
+    return key.verify(parsed[1], head_payload(unit, head[0], head[1]))

@@ -230,8 +230,8 @@ async def test_agent_streams_survives_kill_9_and_stops_cleanly(
     report = json.loads(out)
     assert report["ok"] and report["unsealed"] == 0 and report["head_seq"] == max(on_disk)
     records = _all(journal)
-    assert records[-1].kind == Kind.CHECKPOINT and records[-1].body["reason"] == "close"
-    reasons = [r.body.get("reason") for r in records if r.kind == Kind.CHECKPOINT]
+    assert records[-1].kind == Kind.CHECKPOINT and records[-1].body["signed"]["reason"] == "close"
+    reasons = [r.body["signed"]["reason"] for r in records if r.kind == Kind.CHECKPOINT]
     assert "open" in reasons  # the restart after the kill signed what the kill left unsigned
 
 
@@ -277,7 +277,7 @@ async def test_sigint_flushes_and_exits_zero_with_a_final_checkpoint(tmp_path: P
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     records = _all(state / "journal.db")
-    assert records[-1].kind == Kind.CHECKPOINT and records[-1].body["reason"] == "close"
+    assert records[-1].kind == Kind.CHECKPOINT and records[-1].body["signed"]["reason"] == "close"
     assert records[-2].body == {"event": "agent_stopped"}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.journal import Journal
+from agent.journal_files import verify_path
 from agent.keys import UnitKey
 from agent.records import (
     ChainBroken,
@@ -20,10 +22,9 @@ from agent.records import (
     Kind,
     Record,
     RecordFormatError,
-    checkpoint_payload,
+    canonical,
     decode_samples,
 )
-from agent.verify import verify_path
 from drivers.base import Quality, Sample
 from drivers.clock import ManualClock
 
@@ -145,7 +146,7 @@ async def test_checkpoint_every_t_seconds_only_when_new(
         await clock.advance(10)
         await journal.flush()
         assert kinds(journal) == ["event", "checkpoint"]
-        assert journal.read(1, 1)[0].body["reason"] == "periodic"
+        assert journal.read(1, 1)[0].body["signed"]["reason"] == "periodic"
         await clock.advance(30)
         await journal.flush()
         assert kinds(journal) == ["event", "checkpoint"]
@@ -160,15 +161,17 @@ async def test_checkpoint_on_demand_signs_the_head(
         checkpoint = await journal.checkpoint("run R-1: running -> held")
         signed = checkpoint.body["signed"]
         assert signed == {
+            "purpose": "bedside-checkpoint/2",
             "unit": "unit-1",
             "seq": 1,
             "head": event.hash_hex,
             "time": checkpoint.time,
+            "reason": "run R-1: running -> held",
         }
-        assert checkpoint.body["reason"] == "run R-1: running -> held"
+        assert set(checkpoint.body) == {"signed", "key", "sig"}
         assert checkpoint.body["key"] == key.key_id
         sig = base64.b64decode(checkpoint.body["sig"])
-        assert key.public_key.verify(sig, checkpoint_payload(**signed))
+        assert key.public_key.verify(sig, canonical(signed))
 
 
 async def test_reopen_continues_the_chain_and_seals(
@@ -183,15 +186,20 @@ async def test_reopen_continues_the_chain_and_seals(
         assert journal.durable_seq == 2  # the event and the 'close' checkpoint
         record = await journal.append("event", {"n": 2})
         assert record.seq == 3
-    # a journal closed by a crash (no 'close' checkpoint) is sealed on open
-    conn = sqlite3.connect(path)
-    conn.execute("DELETE FROM records WHERE seq = 4")
-    conn.commit()
-    conn.close()
-    async with open_journal(path, key, clock) as journal:
-        reason = journal.read(3, 1)[0].body["reason"]
+        crashed = crash_image(path, tmp_path / "crashed.db")  # as a power cut leaves them
+    async with open_journal(crashed, key, clock) as journal:
+        assert journal.durable_seq == 4  # the event survived, sealed by the 'open' checkpoint
+        reason = journal.read(3, 1)[0].body["signed"]["reason"]
         assert reason == "open"
-    assert verify_path(path, key.public_key).ok
+    assert verify_path(crashed, key.public_key).ok
+
+
+def crash_image(path: Path, dest: Path) -> Path:
+    """Copy an open journal's database and write-ahead log: what a crash at this moment leaves."""
+    for suffix in ("", "-wal"):
+        if Path(f"{path}{suffix}").exists():
+            shutil.copyfile(f"{path}{suffix}", f"{dest}{suffix}")
+    return dest
 
 
 def test_sync_open_for_tools(tmp_path: Path, key: UnitKey, clock: ManualClock) -> None:

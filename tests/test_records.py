@@ -24,7 +24,6 @@ from agent.records import (
     Record,
     RecordFormatError,
     canonical,
-    checkpoint_payload,
     decode_samples,
     encode_samples,
     format_time,
@@ -268,18 +267,22 @@ def worked_example() -> tuple[UnitKey, list[Record]]:
     return key, records
 
 
-def test_checkpoint_signs_unit_seq_head_and_time() -> None:
-    """A checkpoint's signature verifies over canonical {unit, seq, head, time} of its head."""
+def test_checkpoint_signs_every_member_of_its_verdict() -> None:
+    """A checkpoint's signature verifies over canonical {purpose, unit, seq, head, time,
+    reason} of its head, and its body holds nothing else than signed, key and sig."""
     key, records = worked_example()
     checkpoint = records[-1]
     signed = checkpoint.body["signed"]
     assert signed == {
+        "purpose": "bedside-checkpoint/2",
         "unit": "unit-demo",
         "seq": 2,
         "head": records[1].hash_hex,
         "time": checkpoint.time,
+        "reason": "run_state: running",
     }
-    payload = checkpoint_payload(**signed)
+    assert set(checkpoint.body) == {"signed", "key", "sig"}
+    payload = canonical(signed)
     assert key.public_key.verify(base64.b64decode(checkpoint.body["sig"]), payload)
     assert checkpoint.body["key"] == hashlib.sha256(key.public_key.raw).hexdigest()[:16]
 
@@ -314,7 +317,7 @@ def _print_example() -> None:
         print(f"sha256: {record.hash_hex}")
     signed = records[-1].body["signed"]
     print("\ncheckpoint signed payload:")
-    print(checkpoint_payload(**signed).decode())
+    print(canonical(signed).decode())
     print(f"signature (hex): {base64.b64decode(records[-1].body['sig']).hex()}")
     assert PublicKey.parse(key.public_key.hex) == key.public_key
 

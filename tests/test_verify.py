@@ -1,4 +1,7 @@
-"""Offline verification: every kind of tampering is found and the first bad record named."""
+"""Offline verification: every kind of tampering is found and the first bad record named.
+
+The journal-level forgeries of issue 8 (checkpoints stripped, chain recomputed, forged tails,
+faked prunes, attacker keys, rotations, unsigned checkpoint fields) are in test_forgery.py."""
 
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ import pytest
 
 from agent.journal import Journal
 from agent.keys import PublicKey, UnitKey, init_unit_key, load_public_key, load_unit_key
-from agent.records import Kind, Record, UnitKeyError, checkpoint_body
-from agent.verify import ChainVerifier, export, verify_path
+from agent.records import JournalError, Kind, Record, UnitKeyError, checkpoint_body
+from agent.journal_files import export, verify_path
+from agent.verify import ChainVerifier
 from drivers.clock import ManualClock
 
 # The fixture journal (checkpoint every 5 records):
@@ -113,8 +117,8 @@ def test_intact_journal_verifies_with_the_enrolled_key(db: Path, key: UnitKey) -
     """An untouched journal verifies: all records, all three checkpoints, nothing unsealed."""
     report = verify_path(db, key.public_key)
     assert report.ok, report.reason
-    assert (report.count, report.checkpoints, report.unsealed) == (15, 3, 0)
-    assert report.signatures_checked and report.key_ids == (key.key_id,)
+    assert (report.count, report.checkpoints, report.unsealed, report.sealed_to) == (15, 3, 0, 15)
+    assert report.signed_by == (key.key_id,) and report.key_source == "given"
     assert report.unit == "unit-1" and report.head_seq == 15
 
 
@@ -123,7 +127,8 @@ def test_export_verifies_like_the_database(db: Path, key: UnitKey, tmp_path: Pat
     out, lines = export_lines(db, tmp_path)
     assert lines[1:] == records_of(db)
     report = verify_path(out, key.public_key.hex)
-    assert report.ok and report.count == 15 and report.head_hash == verify_path(db).head_hash
+    assert report.ok and report.count == 15
+    assert report.head_hash == verify_path(db, key.public_key).head_hash
 
 
 def test_export_of_a_pruned_journal_verifies_from_its_anchor(tmp_path: Path, key: UnitKey) -> None:
@@ -139,6 +144,7 @@ def test_export_of_a_pruned_journal_verifies_from_its_anchor(tmp_path: Path, key
     out, _ = export_lines(path, tmp_path)
     report = verify_path(out, key.public_key)
     assert report.ok and report.anchor_seq == 8 and report.count == 7
+    assert report.anchor_proof == f"pruned, anchor signed by key {key.key_id}"
 
 
 # --- tampering -------------------------------------------------------------------------------
@@ -270,14 +276,16 @@ def test_resigned_with_another_key(db: Path, key: UnitKey) -> None:
     datas = records_of(db)
     datas[2] = changed(datas[2])
     replace_db(db, rechain(datas, 3, signer=forger))
-    sql(db, "DELETE FROM meta WHERE key LIKE 'key:%'")
     sql(db, "INSERT INTO meta VALUES (?, ?)", f"key:{forger.key_id}", forger.public_key.b64)
     report = verify_path(db, key.public_key)
     assert report.first_bad == 6 and "re-signed with another key" in report.reason
     assert forger.key_id in report.reason
-    self_asserted = verify_path(db)
-    assert self_asserted.ok and self_asserted.key_source == "journal"
-    assert self_asserted.key_ids == (forger.key_id,)
+
+
+def test_verification_needs_a_key_from_the_caller(db: Path) -> None:
+    """Without a key from outside nothing is verified: the journal's own claims prove nothing."""
+    with pytest.raises(JournalError, match="a public key is needed"):
+        verify_path(db, [])
 
 
 def test_forged_signature_bytes(db: Path, key: UnitKey, tmp_path: Path) -> None:
@@ -320,7 +328,7 @@ def test_incremental_verification_from_a_stored_head(db: Path, key: UnitKey) -> 
         assert later.feed(data).kind in (Kind.EVENT, Kind.CHECKPOINT)
     assert later.report().ok and later.report().checkpoints == 2
     acknowledged = Record.parse(datas[2])
-    again = ChainVerifier(keys=keys, expect=(3, acknowledged.hash_hex))
+    again = ChainVerifier(keys=keys, expect=(3, acknowledged.hash_hex))  # from record 1
     again.feed(datas[0])
     again.feed(datas[1])
     with pytest.raises(Exception, match="record 3: differs from the acknowledged record"):
