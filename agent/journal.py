@@ -18,8 +18,10 @@ resolves their futures after the commit, so the event loop never waits on an fsy
 are assigned in exactly one place. Reads use a second connection (WAL readers never block the
 writer) and see only committed records.
 
-Opening verifies the tail (from just before the second-last checkpoint) and refuses a broken
-chain (``ChainBroken`` names the record); a transaction torn by a crash is simply absent. The
+Opening verifies the whole journal under the unit's own key before writing anything and refuses
+a journal that does not verify, names keys, or whose unsealed tail is not the head the agent
+signed at its last commit (``ChainBroken`` names the record; the file is left untouched); a
+transaction torn by a crash is simply absent. The
 sync form ``with Journal.open(...) as journal`` serves tools: no background timer; use the
 ``*_sync`` methods.
 """
@@ -63,7 +65,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 FORMAT = "2"
-APPENDABLE = frozenset({Kind.EVENT, Kind.ALARM, Kind.AUDIT, Kind.SIGNATURE, Kind.UPLINK})
+# signature records are written only by append_signed, bound to the record they sign
+APPENDABLE = frozenset({Kind.EVENT, Kind.ALARM, Kind.AUDIT, Kind.UPLINK})
 
 
 class Journal:
@@ -227,6 +230,7 @@ class Journal:
             anchor_sig=meta.get("anchor_sig"),
             expect=ack,
             key_source="the unit key file",
+            canonical_check=False,  # only bytes chained to our own signature pass: ours
         )
         head = Head()
         try:
@@ -247,14 +251,15 @@ class Journal:
         return self._writer_at(head, anchor_seq, ack[0] if ack else 0)
 
     def _check_tail(self, verifier: ChainVerifier, meta: dict[str, str], own: Any) -> None:
-        """The records after the last checkpoint must end at the head the agent signed."""
-        if verifier.seq == verifier.sealed_to:
-            return
-        if list(verifier.keys) != [own.key_id]:
+        """The chain must be held by the unit key now, and the records after the last
+        checkpoint must end at the head the agent signed."""
+        if verifier.count and list(verifier.keys) != [own.key_id]:
             raise ChainBroken(
-                verifier.last_checkpoint_seq,
+                verifier.last_checkpoint_seq or None,
                 f"the chain was handed to key {', '.join(verifier.keys)}, not the unit key",
             )
+        if verifier.seq == verifier.sealed_to:
+            return
         if not head_signed(self.unit, (verifier.seq, verifier.hash), meta.get("head_sig"), own):
             raise ChainBroken(
                 verifier.sealed_to + 1,
@@ -268,7 +273,7 @@ class Journal:
             raise ChainBroken(None, f"journal {self.path} holds records but no unit: refused")
         initial = [("format", FORMAT), ("unit", self.unit), ("anchor_seq", "0")]
         conn.executemany(SET_META, [*initial, ("anchor_hash", ZERO_HASH)])
-        self._log.info("journal_created", key_id=own.key_id)
+        self._log.info("journal_opened", head_seq=0, created=True, key_id=own.key_id)
         return self._writer_at(Head(), 0, 0)
 
     def _writer_at(self, head: Head, anchor_seq: int, acked: int) -> JournalWriter:
@@ -329,14 +334,17 @@ class Journal:
             raise JournalError(f"journal {self.path} is not open")
         return self._writer.submit(job, payload)
 
-    def _prepare(self, kind: Kind | str, body: dict[str, Any], run: str | None) -> Any:
+    def _prepare(
+        self, kind: Kind | str, body: dict[str, Any], run: str | None, *, signature: bool = False
+    ) -> Any:
         try:
             kind = Kind(kind)
         except ValueError:
             raise RecordFormatError(f"kind {kind!r} is not a record kind") from None
-        if kind not in APPENDABLE:
+        if kind not in APPENDABLE and not (signature and kind is Kind.SIGNATURE):
             raise RecordFormatError(
-                f"kind {kind.value!r} cannot be appended: use record_samples() or checkpoint()"
+                f"kind {kind.value!r} cannot be appended: use record_samples(), checkpoint() "
+                "or append_signed()"
             )
         if not isinstance(body, dict):
             raise RecordFormatError(f"body must be a dict, not {type(body).__name__}")
@@ -365,7 +373,11 @@ class Journal:
         """Journal a record and the electronic signatures about it in one transaction: each
         signature record gets ``subject`` = the record's (seq, hash), which ``verify`` checks."""
         subject = self._prepare(kind, body, run)
-        sigs = [self._prepare(Kind.SIGNATURE, dict(sig), run)[1] for sig in signatures]
+        if not signatures:
+            raise RecordFormatError("append_signed needs at least one signature")
+        sigs = [
+            self._prepare(Kind.SIGNATURE, dict(sig), run, signature=True)[1] for sig in signatures
+        ]
         return await asyncio.wrap_future(self._submit("signed", (subject, sigs)))
 
     def rotate_key_sync(self, next_signer: Any, reason: str = "key rotation") -> Record:

@@ -214,7 +214,9 @@ class JournalWriter:
             (kind, body, run), signatures = payload
             subject = self._write(kind, body, run)
             bound = {"seq": subject.seq, "hash": subject.hash_hex}
-            sigs = [self._write(Kind.SIGNATURE, {**sig, "subject": bound}, run) for sig in signatures]
+            sigs = [
+                self._write(Kind.SIGNATURE, {**sig, "subject": bound}, run) for sig in signatures
+            ]
             return subject, sigs
         if job == "rotate":
             reason, next_signer = payload

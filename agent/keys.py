@@ -4,8 +4,8 @@ Files in the state directory::
 
     unit.key   the private key, PKCS#8 PEM, unencrypted, mode 0600 (refused if group/other
                can read it, as ssh does)
-    unit.pub   the raw 32-byte public key in base64, one line: what enrolment sends to the
-               control site
+    unit.pub   the raw 32-byte public key in base64, one line, mode 0600: what enrolment
+               sends to the control site
 
 The key id is the first 16 hex digits of SHA-256 of the raw public key; checkpoints name it.
 ``PublicKey`` is all a verifier needs (the control site imports it).
@@ -155,7 +155,7 @@ def init_unit_key(state_dir: str | Path, *, force: bool = False) -> tuple[UnitKe
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = UnitKey.generate()
         _write_file(key_path, key.private_pem(), 0o600)
-        _write_file(state / PUB_FILE, (key.public_key.b64 + "\n").encode("ascii"), 0o644)
+        _write_file(state / PUB_FILE, (key.public_key.b64 + "\n").encode("ascii"), 0o600)
     except OSError as exc:
         raise UnitKeyError(f"cannot write the unit key into {state}: {exc}") from exc
     return key, key.public_key.b64

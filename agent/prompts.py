@@ -165,13 +165,15 @@ class Prompts:
             except Exception as exc:  # AuthError and friends carry the reason
                 await self._audit("signature_refused", phase_id, who, problems=[str(exc)])
                 raise PromptRejected([str(exc)]) from exc
-            for sig in made:
-                await self.e.journal.append(
-                    Kind.SIGNATURE,
-                    {**sig.as_dict(), "run": self.e.run, "phase": phase_id, "record": record},
-                    run=self.e.run,
-                )
-        await self._audit("prompt_answered", phase_id, who, inputs=typed)
+        if made:  # the answer and its signatures in one transaction, each bound to the answer
+            sigs = [
+                {**sig.as_dict(), "run": self.e.run, "phase": phase_id, "record": record}
+                for sig in made
+            ]
+            answered = {"action": "prompt_answered", "phase": phase_id, "who": who, "inputs": typed}
+            await self.e.journal.append_signed(Kind.AUDIT, answered, self.e.run, sigs)
+        else:
+            await self._audit("prompt_answered", phase_id, who, inputs=typed)
         if pending.future is not None:
             self.open.pop(phase_id, None)  # answered: closed at once, before the phase resumes
             if not pending.future.done():  # (cancelled if a hold interrupted the phase meanwhile)

@@ -209,9 +209,11 @@ class Record:
         return cls(unit, seq, time, kind, run, body, prev, data, record_hash(data))
 
     @classmethod
-    def parse(cls, data: bytes, *, strict: bool = True) -> Record:
-        """Decode stored bytes. ``strict`` also checks every field and that the bytes are exactly
-        canonical (so no byte can change without changing the hash's meaning)."""
+    def parse(cls, data: bytes, *, strict: bool = True, canonical_check: bool = True) -> Record:
+        """Decode stored bytes. ``strict`` also checks every field and, unless
+        ``canonical_check`` is false, that the bytes are exactly canonical (so no byte can
+        change without changing the hash's meaning). The agent's start-up skips only the latter:
+        it accepts nothing that does not hash-chain to its own signature, i.e. bytes it wrote."""
         try:
             obj = json.loads(data, parse_constant=_refuse_constant)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -223,7 +225,7 @@ class Record:
             )
         if strict:
             _check_fields(obj)
-            if canonical(obj, what="record") != bytes(data):
+            if canonical_check and canonical(obj, what="record") != bytes(data):
                 raise RecordFormatError("bytes are not the RFC 8785 canonical form of the record")
         return cls(
             obj["unit"],

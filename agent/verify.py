@@ -100,7 +100,8 @@ class ChainVerifier:
 
     ``keys`` maps key ids to the trusted public keys; a checkpoint that rotates the key to a new
     one (signed by both) makes the new key the only trusted one from there on. ``expect`` is an
-    external (seq, hash hex) the chain must contain. ``anchor_sig`` is the meta/header
+    external (seq, hash hex) the chain must contain. ``canonical_check=False`` (the agent's
+    start-up, see ``Record.parse``) skips re-encoding each record. ``anchor_sig`` is the meta/header
     signature of a pruned journal's anchor; ``extract`` accepts instead an anchor vouched for by
     the first record being a checkpoint over it (a run export). ``feed`` raises ``ChainBroken``
     at the first bad record, ``finish`` at the first record the end checks condemn.
@@ -117,6 +118,7 @@ class ChainVerifier:
         extract: bool = False,
         expect: tuple[int, str] | None = None,
         key_source: str = "given",
+        canonical_check: bool = True,
     ) -> None:
         if isinstance(anchor_seq, bool) or not isinstance(anchor_seq, int) or anchor_seq < 0:
             raise ChainBroken(None, f"anchor seq {anchor_seq!r} is not an integer from 0")
@@ -124,6 +126,7 @@ class ChainVerifier:
         self.keys = dict(keys)
         self.trusted_ever = dict(keys)
         self.key_source = key_source
+        self.canonical_check = canonical_check
         self.anchor_seq = anchor_seq
         self.anchor_hash = anchor_hash
         self.anchor_sig = anchor_sig
@@ -147,7 +150,7 @@ class ChainVerifier:
         """Check the next record; ``row`` is a SQLite row's (seq, time, kind, run, hash)."""
         expected = self.seq + 1
         try:
-            record = Record.parse(data)
+            record = Record.parse(data, canonical_check=self.canonical_check)
         except RecordFormatError as exc:
             raise ChainBroken(row[0] if row else expected, f"unreadable: {exc}") from exc
         if row is not None:

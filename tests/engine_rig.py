@@ -95,9 +95,17 @@ class Rig:
         return await self.runs.start(path, dict(params or {}), who="olive", why="test run")
 
     async def wait_state(self, engine: Engine, *states: RunState, within: float = 20) -> RunState:
-        """Wait until the run is in one of ``states``; fail naming where it is instead."""
+        """Wait until the run is in one of ``states`` and its ``run_state`` event is journaled
+        (the state machine moves first, the event follows); fail naming where it is instead."""
+
+        def there() -> bool:
+            if engine.sm.state not in states:
+                return False
+            journaled = self.events(engine.run, "run_state")
+            return journaled[-1]["new"] == engine.sm.state.value if journaled else True
+
         await wait_for(
-            lambda: engine.sm.state in states,
+            there,
             f"run in {states}",
             within,
             lambda: f"state {engine.sm.state.value}, phase {engine.memory.current}",

@@ -225,7 +225,9 @@ async def test_agent_streams_survives_kill_9_and_stops_cleanly(
     finally:
         store.close()
 
-    rc, out, err = await bedside("verify", str(journal), "--public-key", public_key, env=env)
+    rc, out, err = await bedside(
+        "verify", str(journal), "--public-key", public_key, "--json", env=env
+    )
     assert rc == 0, out + err
     report = json.loads(out)
     assert report["ok"] and report["unsealed"] == 0 and report["head_seq"] == max(on_disk)

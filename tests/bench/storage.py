@@ -40,6 +40,7 @@ from structlog.testing import capture_logs
 
 from agent.config import ModbusDevice, OpcUaDevice, SerialDevice, UnitConfig, load_config
 from agent.journal import Journal
+from agent.journal_files import verify_path
 from agent.keys import UnitKey
 from agent.recorder import Recorder
 from drivers.base import Quality, Sample, Value
@@ -216,14 +217,14 @@ async def _feed(recorder: Recorder, clock: ManualClock, world: _World, config: U
         await clock.advance(1.0)
 
 
-async def _run(path: Path, days: float, config: UnitConfig, seed: int) -> dict[str, Any]:
+async def _run(
+    path: Path, days: float, config: UnitConfig, seed: int, key: UnitKey
+) -> dict[str, Any]:
     clock = ManualClock(T0)
     world = _World(BioreactorModel(seed=seed), random.Random(seed), days)
     policies = {t: config.tag(t)[1].record for t in config.all_tags()}
     per_tag: Counter[str] = Counter()
-    async with Journal.open(
-        path, unit=config.unit.id, signer=UnitKey.generate(), clock=clock
-    ) as journal:
+    async with Journal.open(path, unit=config.unit.id, signer=key, clock=clock) as journal:
 
         def sink(batch: Sequence[Sample]) -> None:
             per_tag.update(s.tag for s in batch)
@@ -254,8 +255,16 @@ def measure(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bedside-storage-") as tmp, capture_logs():
         path = Path(tmp) / "journal.db"
-        figures = asyncio.run(_run(path, days, config, seed))
+        key = UnitKey.generate()
+        figures = asyncio.run(_run(path, days, config, seed, key))
         size = sum(p.stat().st_size for p in Path(tmp).glob("journal.db*"))
+        # what the whole-history verification costs: at the agent's start, and offline
+        t = time.perf_counter()
+        with Journal.open(path, unit=config.unit.id, signer=key, clock=ManualClock(T0)):
+            figures["reopen_seconds"] = time.perf_counter() - t
+        t = time.perf_counter()
+        assert verify_path(path, key.public_key).ok
+        figures["verify_seconds"] = time.perf_counter() - t
         with contextlib.closing(sqlite3.connect(path)) as conn:
             (checkpoints,) = conn.execute(
                 "SELECT count(*) FROM records WHERE kind = 'checkpoint'"
@@ -283,6 +292,8 @@ def report(row: Callable[..., None], days: float) -> dict[str, Any]:
     row("journal records per day", r["records_per_day"], "records/day")
     row("journal bytes per sample (file / samples)", r["bytes_per_sample"], "bytes")
     row("journal growth per day", r["bytes_per_day"] / 1e6, "MB/day")
+    row("agent start-up: whole journal verified", r["reopen_seconds"], "s", decimals=2)
+    row("bedside verify of the journal", r["verify_seconds"], "s", decimals=2)
     row(
         f"{RUN_DAYS}-day run (per day x {RUN_DAYS})",
         r["run_bytes"] / 1e6,
