@@ -100,8 +100,8 @@ def demo(
     heater_fault: bool = typer.Option(True, help="fail the heater on day 3 for 8 hours"),
 ) -> None:
     """Run simulators, agent and control site: a CAR-T recipe end to end at accelerated time."""
-    from agent.simulate import FaultPlan, simulate
     from agent.journal_files import verify_path
+    from agent.simulate import FaultPlan, simulate
     from controlsite.service import ControlSiteServer
     from controlsite.store import open_store
 

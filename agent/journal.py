@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import structlog
 
+from agent.journal_files import checkpoint_rows, iter_rows, meta_ack, meta_anchor, read_meta
 from agent.journal_writer import SET_META, Head, JournalWriter, connect
 from agent.records import (
     ZERO_HASH,
@@ -55,7 +56,6 @@ from agent.records import (
     Signer,
     canonical,
 )
-from agent.journal_files import checkpoint_rows, iter_rows, meta_ack, meta_anchor, read_meta
 from agent.verify import ChainVerifier, head_signed, root_keys
 
 if TYPE_CHECKING:

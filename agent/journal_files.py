@@ -195,7 +195,8 @@ def _verify_export(
 ) -> VerifyReport:
     header = read_header(path)
     scope, run = header.get("scope"), header.get("run")
-    anchor = header.get("anchor") if isinstance(header.get("anchor"), dict) else {}
+    found = header.get("anchor")
+    anchor: dict[str, Any] = found if isinstance(found, dict) else {}
     acked = header.get("acked")
     try:
         verifier = ChainVerifier(

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from agent.journal import Journal
+from agent.journal_files import export, verify_path
 from agent.keys import PublicKey, UnitKey, init_unit_key, load_public_key, load_unit_key
 from agent.records import JournalError, Kind, Record, UnitKeyError, checkpoint_body
-from agent.journal_files import export, verify_path
 from agent.verify import ChainVerifier
 from drivers.clock import ManualClock
 
