@@ -47,6 +47,34 @@ def keys_init(
     )
 
 
+@keys_app.command("rotate")
+def keys_rotate(
+    state_dir: Path = STATE_DIR,
+    reason: str = typer.Option("key rotation", "--reason", help="why (signed into the journal)"),
+) -> None:
+    """Replace the unit key of the stopped agent without breaking its chain: the journal records
+    a rotation signed by the old and the new key (the control site follows it)."""
+    from agent.key_rotation import rotate_unit_key
+    from agent.records import JournalError
+
+    try:
+        done = rotate_unit_key(state_dir, reason)
+    except JournalError as exc:
+        fail(str(exc))
+    typer.echo(
+        json.dumps(
+            {
+                "state_dir": str(state_dir),
+                "old_key_id": done.old_key_id,
+                "key_id": done.new_key_id,
+                "public_key": done.public_key,
+                "rotation_seq": done.seq,
+                "resumed": done.resumed,
+            }
+        )
+    )
+
+
 @agent_app.command("run")
 def agent_run(
     config: Path = typer.Option(

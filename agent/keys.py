@@ -140,30 +140,44 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def write_key_files(
+    state_dir: str | Path, key: UnitKey, *, key_name: str = KEY_FILE, public: bool = True
+) -> None:
+    """Write ``key`` into ``state_dir`` as ``key_name`` (and ``unit.pub``), each atomically,
+    0600."""
+    state = Path(state_dir)
+    try:
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_file(state / key_name, key.private_pem(), 0o600)
+        if public:
+            _write_file(state / PUB_FILE, (key.public_key.b64 + "\n").encode("ascii"), 0o600)
+    except OSError as exc:
+        raise UnitKeyError(f"cannot write the unit key into {state}: {exc}") from exc
+
+
 def init_unit_key(state_dir: str | Path, *, force: bool = False) -> tuple[UnitKey, str]:
     """Generate the unit key into ``state_dir`` and return it with its base64 public key.
 
-    Refuses to replace an existing key unless ``force``: a new key orphans the enrolment.
+    Refuses to replace an existing key unless ``force``: a new key orphans the enrolment (use
+    ``bedside keys rotate`` to change the key of a unit that has a journal).
     """
-    state = Path(state_dir)
-    key_path = state / KEY_FILE
+    key_path = Path(state_dir) / KEY_FILE
     if key_path.exists() and not force:
         raise UnitKeyError(
             f"{key_path} already exists; replacing it needs force (and a new enrolment)"
         )
-    try:
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = UnitKey.generate()
-        _write_file(key_path, key.private_pem(), 0o600)
-        _write_file(state / PUB_FILE, (key.public_key.b64 + "\n").encode("ascii"), 0o600)
-    except OSError as exc:
-        raise UnitKeyError(f"cannot write the unit key into {state}: {exc}") from exc
+    key = UnitKey.generate()
+    write_key_files(state_dir, key)
     return key, key.public_key.b64
 
 
 def load_unit_key(state_dir: str | Path) -> UnitKey:
     """Load ``unit.key`` from ``state_dir``; refuses a key file group or others can read."""
-    key_path = Path(state_dir) / KEY_FILE
+    return load_key_file(Path(state_dir) / KEY_FILE)
+
+
+def load_key_file(key_path: Path) -> UnitKey:
+    """Load a private unit key file; refuses one group or others can read."""
     try:
         mode = key_path.stat().st_mode & 0o777
         if mode & 0o077:

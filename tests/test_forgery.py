@@ -22,7 +22,7 @@ import pytest
 
 from agent.journal import Journal
 from agent.journal_files import export, export_run, verify_path
-from agent.keys import UnitKey
+from agent.keys import UnitKey, init_unit_key, load_unit_key, write_key_files
 from agent.records import (
     ChainBroken,
     Kind,
@@ -530,3 +530,68 @@ def test_verify_without_a_key_is_refused(tmp_path: Path, key: UnitKey) -> None:
     """`bedside verify` without --public-key/--key-file refuses to give a verdict."""
     done = bedside("verify", str(journal(tmp_path / "j.db", key)))
     assert done.returncode == 2 and "enrolled public key" in done.stderr
+
+
+# --- bedside keys rotate ----------------------------------------------------------------------
+
+
+def state_with_journal(state: Path) -> UnitKey:
+    key, _ = init_unit_key(state)
+    with Journal.open(
+        state / "journal.db", unit="unit-1", signer=key, clock=ManualClock(START)
+    ) as j:
+        j.append_sync("event", {"n": 1})
+    return key
+
+
+def test_keys_rotate_hands_the_chain_to_a_new_key(tmp_path: Path) -> None:
+    """`bedside keys rotate` on a stopped agent: the journal verifies with the old (enrolled)
+    key and the new unit.pub, and the agent starts with the new key."""
+    state = tmp_path / "state"
+    old = state_with_journal(state)
+    done = bedside("keys", "rotate", "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["old_key_id"] == old.key_id != answer["key_id"] and not answer["resumed"]
+    new = load_unit_key(state)
+    assert new.key_id == answer["key_id"] and (state / "unit.pub").read_text().strip() == (
+        new.public_key.b64
+    )
+    for trusted in (old, new):
+        rc, report = verify_cli(state / "journal.db", trusted)
+        assert rc == 0 and report["rotations"][0][1:] == [old.key_id, new.key_id]
+    with Journal.open(state / "journal.db", unit="unit-1", signer=new, clock=ManualClock(START)):
+        pass
+
+
+def test_keys_rotate_resumes_after_an_interruption(tmp_path: Path) -> None:
+    """Interrupted after the journal took the new key (unit.key.next) but before the key files
+    were replaced, a second `bedside keys rotate` finishes the job instead of rotating again."""
+    state = tmp_path / "state"
+    old = state_with_journal(state)
+    pending = UnitKey.generate()
+    write_key_files(state, pending, key_name="unit.key.next", public=False)
+    with Journal.open(
+        state / "journal.db", unit="unit-1", signer=old, clock=ManualClock(START)
+    ) as j:
+        j.rotate_key_sync(pending)
+    with pytest.raises(ChainBroken, match="handed to key"):  # the agent cannot start meanwhile
+        Journal.open(
+            state / "journal.db", unit="unit-1", signer=old, clock=ManualClock(START)
+        ).__enter__()
+    done = bedside("keys", "rotate", "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["resumed"] is True
+    assert load_unit_key(state).key_id == pending.key_id and not (state / "unit.key.next").exists()
+    assert verify_path(state / "journal.db", old.public_key).rotations[0][2] == pending.key_id
+
+
+def test_keys_rotate_refuses_while_the_agent_runs(tmp_path: Path) -> None:
+    """Rotating while the journal is open in another process is refused in one line."""
+    state = tmp_path / "state"
+    key = state_with_journal(state)
+    with Journal.open(state / "journal.db", unit="unit-1", signer=key, clock=ManualClock(START)):
+        done = bedside("keys", "rotate", "--state-dir", str(state))
+    assert done.returncode == 2 and "open in another process" in done.stderr
+    assert load_unit_key(state).key_id == key.key_id
+    assert not (state / "unit.key.next").exists()
