@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from agent.config import UnitConfig
 from agent.expr import Value, as_value
+from agent.patterns import PatternError, full_match
 from agent.recipe_checks import Finding, Parts, PNode, check
 from agent.recipe_model import (
     PHASE_TYPES,
@@ -370,7 +370,11 @@ def _typed(name: str, p: Parameter, raw: Any) -> str | int | float | bool:
     value: str | int | float | bool
     if p.type == "str":
         value = str(raw)
-        if p.pattern and not re.fullmatch(p.pattern, value):
+        try:
+            matches = not p.pattern or full_match(p.pattern, value)
+        except PatternError as exc:
+            raise ValueError(f"parameter {name!r}: {exc}") from None
+        if not matches:
             raise ValueError(f"parameter {name!r}: {value!r} does not match {p.pattern!r}")
         return value
     if p.type == "bool":
