@@ -59,11 +59,15 @@ def _check(node: Node, types: Callable[[str], Type]) -> tuple[Type, bool]:
     checked = [_check(k, types) for k in kids]
     t = _type(node, [c[0] for c in checked], types)
     constant = all(c[1] for c in checked)
-    if constant and kids:
-        try:
+    try:
+        if constant and kids:
             evaluate(node, _no_names)
-        except EvalError as exc:
-            raise ExprError(exc.message, exc.column) from None
+        elif isinstance(node, Binary) and node.op == "/" and checked[1][1]:
+            divisor = evaluate(node.right, _no_names)  # x / (2 - 2) reads x but fails anyway
+            if isinstance(divisor, Quantity) and divisor.value == 0:
+                raise EvalError("division by zero", node.col)
+    except EvalError as exc:
+        raise ExprError(exc.message, exc.column) from None
     return t, constant
 
 

@@ -58,6 +58,10 @@ _HINTS = {
     "too_short": "this list may not be empty",
     "literal_error": "see docs/recipes.md for the allowed values",
     "union_tag_not_found": f"phase types: {_TYPES}",
+    "int_type": 'write a whole number such as 3 (not true, 1.5 or "3")',
+    "float_type": 'write a number such as 37.5 (not true or "37.5")',
+    "bool_type": "write true or false",
+    "finite_number": "NaN and infinity (.nan, .inf, 1e400) are not numbers here",
 }
 
 

@@ -17,6 +17,7 @@ control characters) are all refused. Public API: ``read_source``, ``decode``, ``
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import stat
@@ -177,7 +178,12 @@ class _Loader(yaml.SafeLoader):
                 )
             if self._aliases > MAX_ALIASES:
                 raise _Refused(event.start_mark, f"more than {MAX_ALIASES} aliases (*name)")
-            return super().compose_node(parent, index)
+            # the anchor's node, marked where the alias is written, so that the alias's line
+            # is reported for its value (and for an expansion that breaks the budget)
+            node = copy.copy(super().compose_node(parent, index))
+            node.start_mark, node.end_mark = event.start_mark, event.end_mark
+            node.alias = event.anchor  # type: ignore[attr-defined]
+            return node
         tag = getattr(event, "tag", None)
         if tag not in (None, "!"):
             raise _Refused(
@@ -211,14 +217,27 @@ class _Builder:
         self.expand_env = expand_env
         self.lines: dict[Loc, int] = {}
         self.values = 0
+        self.alias: Any = None  # the alias node being expanded, if any
         self.scalars = SafeConstructor()
 
     def build(self, node: yaml.Node, loc: Loc, depth: int = 1) -> Any:
+        alias = getattr(node, "alias", None)
+        if alias is not None and self.alias is None:  # the outermost alias being expanded
+            self.alias = node
+            try:
+                return self.build_node(node, loc, depth)
+            finally:
+                self.alias = None
+        return self.build_node(node, loc, depth)
+
+    def build_node(self, node: yaml.Node, loc: Loc, depth: int) -> Any:
         self.values += 1
         if self.values > MAX_VALUES:
+            where = self.alias or node
+            what = f"the alias *{self.alias.alias}" if self.alias else "the document"
             raise _Refused(
-                node.start_mark,
-                f"the document expands to more than {MAX_VALUES} values",
+                where.start_mark,
+                f"{what} expands the document to more than {MAX_VALUES} values",
                 "aliases (*name) repeat their anchor's whole value; is this an alias bomb?",
             )
         if depth > MAX_DEPTH:
@@ -278,7 +297,9 @@ class _Builder:
         try:
             return self.scalars.construct_object(node)
         except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of 5000 digits
-            raise _Refused(node.start_mark, f"unusable value {node.value!r:.40}: {exc}") from None
+            reason = str(exc).split(";")[0].splitlines()[0]
+            message = f"unusable value {node.value!r:.40}: {reason}"
+            raise _Refused(node.start_mark, message) from None
 
 
 def _problem(file: str, mark: yaml.Mark | None, message: str, hint: str = "") -> Problem:
