@@ -150,6 +150,20 @@ def test_bad_numbers_in_a_unit_configuration_are_located(case: str, tmp_path: Pa
     assert [p.line for p in found if message in p.message] == [lines], found
 
 
+def test_a_number_from_the_environment_is_still_a_number(tmp_path: Path) -> None:
+    """Text that is a number stays accepted in a configuration: ${VAR} always gives text."""
+    config = _write(tmp_path, CONFIG.replace("timeout: 4", "timeout: ${BEDSIDE_TEST_UNSET:-4}"))
+    assert load_config(config).devices["bioreactor"].timeout == 4.0
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e400"])
+def test_run_parameters_that_are_not_finite_are_refused(text: str, tmp_path: Path) -> None:
+    """A run parameter given as NaN or infinity is refused, naming the parameter."""
+    recipe = load_recipe(_write(tmp_path, RECIPE))
+    with pytest.raises(ParameterError, match=r"'temperature': .* is not a finite number"):
+        check_parameters(recipe, {"coi_id": "COI-123456", "temperature": text})
+
+
 # ------------------------------------------------------------------------------ patterns
 
 
