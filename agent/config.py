@@ -24,13 +24,35 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.yamlsource import DocumentError, Located, load_yaml, parse_yaml
 from drivers.points import ByteOrder, ModbusTable, ModbusType, WordOrder
 
 _NAME = r"^[a-z][a-z0-9_]*$"
 _ELEMENT = re.compile(r"^\d+:[^/]+$")
+_DAY = 86400.0  # no timeout or interval of a unit is longer than a day
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic reads true as 1; in a configuration it is a mistake. Text stays accepted:
+    # a number may come from ${VAR}, which is always text.
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is true/false, not a number")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Seconds = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, le=_DAY)]
 
 
 def _check_path(text: str) -> None:
@@ -44,7 +66,8 @@ def _check_path(text: str) -> None:
 class Strict(BaseModel):
     """Frozen, unknown keys forbidden."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are never a limit, interval, scale or timeout
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Recording(Strict):
@@ -53,8 +76,8 @@ class Recording(Strict):
     quality is always recorded."""
 
     mode: Literal["periodic", "on_change", "never"] = "on_change"
-    interval: float = Field(default=60.0, gt=0, description="seconds between periodic records")
-    deadband: float = Field(
+    interval: Seconds = Field(default=60.0, description="seconds between periodic records")
+    deadband: Float = Field(
         default=0.0, ge=0, description="absolute change that counts as a change"
     )
 
@@ -65,7 +88,7 @@ class TagBase(Strict):
     type: Literal["float", "int", "bool", "str"] = "float"
     unit: str = Field("", description="engineering unit, e.g. degC, pH, %DO, rpm, mL/min, g")
     description: str = ""
-    limits: tuple[float, float] | None = Field(
+    limits: tuple[Float, Float] | None = Field(
         None, description="[low, high]: writes outside are refused before anything is sent"
     )
     writable: bool = False
@@ -91,8 +114,8 @@ class OpcUaTag(TagBase):
 
     node_id: str | None = None
     browse_path: str | None = None
-    sampling_interval: float = Field(0.5, gt=0, description="seconds")
-    deadband: float = Field(0.0, ge=0, description="subscription absolute deadband")
+    sampling_interval: Seconds = Field(0.5, description="seconds")
+    deadband: Float = Field(0.0, ge=0, description="subscription absolute deadband")
 
     @field_validator("browse_path")
     @classmethod
@@ -112,13 +135,13 @@ class ModbusTag(TagBase):
     """A tag in a Modbus device's tables."""
 
     table: ModbusTable
-    address: int = Field(ge=0, le=65535)
+    address: Int = Field(ge=0, le=65535)
     data_type: ModbusType = ModbusType.UINT16
-    unit_id: int = Field(1, ge=0, le=247)
+    unit_id: Int = Field(1, ge=0, le=247)
     word_order: WordOrder = WordOrder.BIG
     byte_order: ByteOrder = ByteOrder.BIG
-    scale: float = 1.0
-    offset: float = 0.0
+    scale: Float = 1.0
+    offset: Float = 0.0
 
 
 class SerialTag(TagBase):
@@ -162,7 +185,7 @@ class Security(Strict):
 
 
 class DeviceBase(Strict):
-    timeout: float = Field(2.0, gt=0, description="seconds for one request")
+    timeout: Seconds = Field(2.0, description="seconds for one request")
     description: str = ""
 
 
@@ -177,10 +200,10 @@ class OpcUaDevice(DeviceBase):
 class ModbusDevice(DeviceBase):
     driver: Literal["modbus"]
     endpoint: Annotated[str, Field(pattern=r"^(tcp://[^:/]+:\d+|rtu://.+)$")]
-    poll_interval: float = Field(1.0, gt=0)
-    baudrate: int = 19200
+    poll_interval: Seconds = 1.0
+    baudrate: Int = Field(19200, gt=0)
     parity: Literal["N", "E", "O"] = "N"
-    retries: int = Field(1, ge=0, le=5)
+    retries: Int = Field(1, ge=0, le=5)
     tags: dict[Annotated[str, Field(pattern=_NAME)], ModbusTag]
 
 
@@ -188,8 +211,8 @@ class SerialDevice(DeviceBase):
     driver: Literal["serial"]
     protocol: Literal["mt-sics"] = "mt-sics"
     endpoint: str = Field(description="serial port path")
-    baudrate: int = 9600
-    poll_interval: float = Field(1.0, gt=0)
+    baudrate: Int = Field(9600, gt=0)
+    poll_interval: Seconds = 1.0
     tags: dict[Annotated[str, Field(pattern=_NAME)], SerialTag]
 
 
@@ -246,6 +269,7 @@ _HINTS = {
         "names are lower_snake_case; endpoints as opc.tcp://, tcp://HOST:PORT or rtu://PATH"
     ),
     "enum": "see docs/configuration.md for the allowed values",
+    "finite_number": "NaN and infinity (.nan, .inf, 1e400) are not numbers here",
 }
 
 

@@ -51,6 +51,7 @@ from agent.expr_syntax import (
     Num,
     Str,
     Unary,
+    check_number,
     parse_node,
 )
 from agent.expr_units import Quantity, Type, Value, as_value, normalize_unit, type_of
@@ -174,6 +175,7 @@ def literal(value: bool | int | float | str) -> Expr:
     if isinstance(value, bool):
         return Expr("true" if value else "false", Bool(value, 1))
     if isinstance(value, int | float):
+        check_number(value)  # a YAML .nan, .inf or 1e400 is not a value
         return Expr(repr(value), Num(value, "", 1))
     quoted = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return Expr(quoted, Str(value, 1))

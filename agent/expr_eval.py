@@ -1,13 +1,16 @@
 """Static checking and evaluation of expression ASTs (see ``agent.expr`` for the public API).
 
 ``check(node, types)`` walks the tree with static ``Type``s and raises ``ExprError`` at the
-column of the first operator whose operands do not fit; ``evaluate(node, env)`` walks it with
-values and raises ``EvalError`` for the same mistakes found only at run time. ``and``/``or``
-short-circuit.
+column of the first operator whose operands do not fit; it also evaluates every part that
+reads no names, so ``x / (2 - 2)`` or an overflow is refused at load, at the
+column of its operator. ``evaluate(node, env)`` walks it with values and raises
+``EvalError`` for the same mistakes found only at run time, including a result that is not a
+finite number. ``and``/``or`` short-circuit.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from agent.expr_syntax import (
@@ -36,7 +39,43 @@ BOOL = Type("bool")
 
 
 def check(node: Node, types: Callable[[str], Type]) -> Type:
-    """The static type of ``node``; ``ExprError`` on a type or unit mismatch."""
+    """The static type of ``node``; ``ExprError`` on a type or unit mismatch, or when a part
+    that reads no names cannot be evaluated (division by zero, overflow)."""
+    return _check(node, types)[0]
+
+
+def _check(node: Node, types: Callable[[str], Type]) -> tuple[Type, bool]:
+    """The type and whether the node is constant (reads no names); a constant operator node
+    is evaluated here so that its error is found at load."""
+    if isinstance(node, Name):
+        return types(node.name), False
+    kids: tuple[Node, ...] = ()
+    if isinstance(node, Unary):
+        kids = (node.operand,)
+    elif isinstance(node, Binary):
+        kids = (node.left, node.right)
+    elif isinstance(node, Call):
+        kids = node.args
+    checked = [_check(k, types) for k in kids]
+    t = _type(node, [c[0] for c in checked], types)
+    constant = all(c[1] for c in checked)
+    try:
+        if constant and kids:
+            evaluate(node, _no_names)
+        elif isinstance(node, Binary) and node.op == "/" and checked[1][1]:
+            divisor = evaluate(node.right, _no_names)  # x / (2 - 2) reads x but fails anyway
+            if isinstance(divisor, Quantity) and divisor.value == 0:
+                raise EvalError("division by zero", node.col)
+    except EvalError as exc:
+        raise ExprError(exc.message, exc.column) from None
+    return t, constant
+
+
+def _no_names(name: str) -> Value:
+    raise KeyError(name)  # never called: only nodes that read no names are evaluated
+
+
+def _type(node: Node, kids: list[Type], types: Callable[[str], Type]) -> Type:
     if isinstance(node, Num):
         return Type("num", node.unit)
     if isinstance(node, Str):
@@ -46,20 +85,19 @@ def check(node: Node, types: Callable[[str], Type]) -> Type:
     if isinstance(node, Name):
         return types(node.name)
     if isinstance(node, Unary):
-        inner = check(node.operand, types)
+        inner = kids[0]
         want = "bool" if node.op == "not" else "num"
         _need(inner, want, f"'{node.op}'", node.col)
         return inner if inner.kind != "any" else Type(want, None)  # type: ignore[arg-type]
     if isinstance(node, Call):
-        args = [check(a, types) for a in node.args]
+        args = kids
         for arg in args:
             _need(arg, "num", f"{node.func}()", node.col)
         if len(args) == 2:
             _units(args[0], args[1], f"{node.func}()", node.col)
             return Type("num", sum_unit(args[0].unit, args[1].unit))
         return args[0] if args[0].kind == "num" else Type("num", None)
-    left, right = check(node.left, types), check(node.right, types)
-    return _binary_type(node, left, right)
+    return _binary_type(node, kids[0], kids[1])
 
 
 def _binary_type(node: Binary, left: Type, right: Type) -> Type:
@@ -157,14 +195,26 @@ def _binary(node: Binary, env: Callable[[str], Value | int | float]) -> Value:
         }[op]
     if op in ("+", "-"):
         _same(a, b, f"'{op}'", col)
-        value = a.value + b.value if op == "+" else a.value - b.value
-        return Quantity(value, a.unit or b.unit)
-    unit = compose(op, a.unit, b.unit) or ""
-    if op == "*":
-        return Quantity(a.value * b.value, unit)
-    if b.value == 0:
+        unit = a.unit or b.unit
+    else:
+        unit = compose(op, a.unit, b.unit) or ""
+    if op == "/" and b.value == 0:
         raise EvalError("division by zero", col)
-    return Quantity(a.value / b.value, unit)
+    try:
+        value = _ARITHMETIC[op](a.value, b.value)
+    except OverflowError:  # a huge int meeting a float
+        raise EvalError(f"the result of '{op}' is too large", col) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EvalError(f"the result of '{op}' is not a finite number ({value})", col)
+    return Quantity(value, unit)
+
+
+_ARITHMETIC: dict[str, Callable[[int | float, int | float], int | float]] = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b,
+}
 
 
 def _bool(v: Value, what: str, col: int) -> bool:

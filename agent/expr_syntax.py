@@ -27,6 +27,16 @@ from typing import Literal
 from agent.expr_units import DURATION_UNITS, normalize_unit
 
 FUNCTIONS = {"abs": 1, "min": 2, "max": 2}
+# Limits that keep parsing, checking and evaluation far from Python's recursion limit, whatever
+# the text: recipes' expressions are one line and a few operators deep.
+MAX_LENGTH = 1000
+"""Longest expression, in characters."""
+MAX_NESTING = 24
+"""Most brackets, 'not', '-' and function calls nested inside each other."""
+MAX_HEIGHT = 64
+"""Deepest operator tree (a chain a + b + c ... is as deep as it is long)."""
+MAX_NUMBER = 1e15
+"""Largest number literal (after duration units: 1d is 86400)."""
 KEYWORDS = {"and", "or", "not", "true", "false"}
 COMPARE = {"<", "<=", ">", ">=", "==", "!="}
 
@@ -163,6 +173,17 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.tokens = tokenize(text)
         self.pos = 0
+        self.nesting = 0
+
+    def enter(self, col: int) -> None:
+        """One level deeper (a bracket, 'not', '-' or a call); refused beyond MAX_NESTING."""
+        self.nesting += 1
+        if self.nesting > MAX_NESTING:
+            raise ExprError(
+                f"the expression is nested too deeply (more than {MAX_NESTING} levels of "
+                "brackets, 'not', '-' or function calls)",
+                col,
+            )
 
     def peek(self) -> Token:
         return self.tokens[self.pos]
@@ -207,7 +228,10 @@ class _Parser:
     def not_(self) -> Node:
         if self.at("word", "not"):
             col = self.take().col
-            return Unary("not", self.not_(), col)
+            self.enter(col)
+            node = Unary("not", self.not_(), col)
+            self.nesting -= 1
+            return node
         return self.compare()
 
     def compare(self) -> Node:
@@ -237,7 +261,10 @@ class _Parser:
     def unary(self) -> Node:
         if self.at("op", "-"):
             col = self.take().col
-            return Unary("-", self.unary(), col)
+            self.enter(col)
+            node = Unary("-", self.unary(), col)
+            self.nesting -= 1
+            return node
         return self.atom()
 
     def atom(self) -> Node:
@@ -247,8 +274,10 @@ class _Parser:
         if tok.kind == "str":
             return Str(tok.text, tok.col)
         if tok.kind == "op" and tok.text == "(":
+            self.enter(tok.col)
             node = self.or_()
             self.expect_op(")")
+            self.nesting -= 1
             return node
         if tok.kind == "word":
             if tok.text in ("true", "false"):
@@ -269,6 +298,7 @@ class _Parser:
         raise ExprError(f"unexpected {tok.text!r}", tok.col)
 
     def call(self, tok: Token) -> Node:
+        self.enter(tok.col)
         self.expect_op("(")
         args: list[Node] = []
         if not self.at("op", ")"):
@@ -277,6 +307,7 @@ class _Parser:
                 self.take()
                 args.append(self.or_())
         self.expect_op(")")
+        self.nesting -= 1
         if len(args) != FUNCTIONS[tok.text]:
             raise ExprError(
                 f"{tok.text}() takes {FUNCTIONS[tok.text]} argument(s), not {len(args)}", tok.col
@@ -294,9 +325,43 @@ def _number(tok: Token) -> Num:
     unit = normalize_unit(tok.unit)
     if unit in DURATION_UNITS:
         value, unit = value * DURATION_UNITS[unit], "s"
+    check_number(value, tok.col)
     return Num(value, unit, tok.col)
 
 
+def check_number(value: int | float, col: int = 1) -> None:
+    """``ExprError`` unless ``value`` is a finite number of at most ``MAX_NUMBER``."""
+    if value != value or abs(value) == float("inf"):
+        raise ExprError(f"{value} is not a finite number", col)
+    if abs(value) > MAX_NUMBER:
+        # an int of 500 digits cannot become a float to be shown with :g
+        shown = f"of {len(str(abs(value)))} digits" if isinstance(value, int) else f"{value:g}"
+        raise ExprError(f"the number {shown} is too large (at most {MAX_NUMBER:g})", col)
+
+
+def height(node: Node) -> int:
+    """The depth of the operator tree (a literal or name is 1), without recursion."""
+    best = 0
+    stack: list[tuple[Node, int]] = [(node, 1)]
+    while stack:
+        here, depth = stack.pop()
+        best = max(best, depth)
+        if isinstance(here, Unary):
+            stack.append((here.operand, depth + 1))
+        elif isinstance(here, Binary):
+            stack += [(here.left, depth + 1), (here.right, depth + 1)]
+        elif isinstance(here, Call):
+            stack += [(arg, depth + 1) for arg in here.args]
+    return best
+
+
 def parse_node(text: str) -> Node:
-    """Parse expression text into an AST; ``ExprError`` with the column on a syntax error."""
-    return _Parser(text).parse()
+    """Parse expression text into an AST; ``ExprError`` with the column on a syntax error or
+    when the text breaks a limit (``MAX_LENGTH``, ``MAX_NESTING``, ``MAX_HEIGHT``,
+    ``MAX_NUMBER``)."""
+    if len(text) > MAX_LENGTH:
+        raise ExprError(f"the expression has {len(text)} characters; at most {MAX_LENGTH}", 1)
+    node = _Parser(text).parse()
+    if height(node) > MAX_HEIGHT:
+        raise ExprError(f"the expression is more than {MAX_HEIGHT} operators deep; split it up", 1)
+    return node

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from agent.patterns import PatternError, full_match
 from agent.recipe_model import Input, PromptPhase, SamplePhase
 from agent.records import Kind
 
@@ -202,7 +202,11 @@ class Prompts:
                 value = str(raw)
         except (TypeError, ValueError, KeyError, OverflowError):
             return None, f"{name}: {raw!r} is not a {spec.type}"
-        if spec.pattern and not re.fullmatch(spec.pattern, str(value)):
+        try:
+            matches = not spec.pattern or full_match(spec.pattern, str(value))
+        except PatternError as exc:
+            return None, f"{name}: {exc}"
+        if not matches:
             return None, f"{name}: {value!r} does not match {spec.pattern}"
         if (
             spec.limits

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from agent.config import TagBase, UnitConfig
 from agent.expr import ANY, BOOL, DURATION, Expr, ExprError, Quantity, Type, type_of
 from agent.expr_units import explain_mismatch
+from agent.recipe_fields import MAX_DURATION
 from agent.recipe_model import (
     BranchPhase,
     CallAction,
@@ -362,6 +363,8 @@ class _Checker:
             const = ph.duration.constant()
             if isinstance(const, Quantity) and const.value <= 0:
                 self.add((*loc, "duration"), f"a duration must be positive, not {const}")
+            elif isinstance(const, Quantity) and const.value > MAX_DURATION:
+                self.add((*loc, "duration"), f"{const} is longer than a year (at most 366d)")
         elif isinstance(ph, PromptPhase):
             for name, inp in ph.inputs.items():
                 self.expr((*loc, "inputs", name, "equals"), inp.equals, _input_type(inp), repeat=r)

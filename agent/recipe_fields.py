@@ -10,6 +10,7 @@ Re-exported by ``agent.recipe_model``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -27,12 +28,22 @@ from pydantic import (
 
 from agent.expr import Expr, ExprError, parse, value_expr
 from agent.expr import literal as expr_literal
+from agent.patterns import compile_pattern, full_match
 
 _NAME = r"^[a-z][a-z0-9_]*$"
 _REF = r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$"
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(s|min|m|h|d)\s*)+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(s|min|m|h|d)")
 _SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+MAX_DURATION = 366 * 86400
+"""The longest duration a recipe may give (seconds): a year and a day; longer is a typo."""
+
+# YAML gives numbers and booleans their own types: a version, count or limit must be written
+# as one (``version: true`` or ``version: "3"`` is a mistake, not 1 or 3); floats take ints.
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
 
 Name = Annotated[str, Field(pattern=_NAME)]
 TagRef = Annotated[str, Field(pattern=_REF, description="role.tag")]
@@ -92,6 +103,8 @@ ValueField = Annotated[
 def _duration(value: Any, *, zero: bool) -> float:
     if isinstance(value, str) and _DURATION.match(value):
         seconds = sum(float(n) * _SECONDS[u] for n, u in _DURATION_PART.findall(value))
+        if seconds > MAX_DURATION:
+            raise ValueError(f"the duration {value!r:.40} is longer than a year (at most 366d)")
         if seconds > 0 or (zero and seconds == 0):
             return seconds
         raise ValueError(f"a duration must be positive, not {value!r}")
@@ -116,7 +129,8 @@ Delay = Annotated[
 class Strict(BaseModel):
     """Frozen, unknown keys forbidden."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are never a limit, default, volume or tolerance
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_limits(v: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -127,10 +141,7 @@ def _check_limits(v: tuple[float, float] | None) -> tuple[float, float] | None:
 
 def _check_pattern(v: str | None) -> str | None:
     if v is not None:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError(f"pattern {v!r} is not a valid regular expression: {exc}") from None
+        compile_pattern(v)  # PatternError is a ValueError: a located validation error
     return v
 
 
@@ -139,7 +150,7 @@ class Typed(Strict):
 
     type: Literal["str", "float", "int", "bool"] = "str"
     unit: str = ""
-    limits: tuple[float, float] | None = Field(None, description="[low, high], inclusive")
+    limits: tuple[Float, Float] | None = Field(None, description="[low, high], inclusive")
     pattern: str | None = Field(None, description="regular expression the whole text matches")
 
     _limits = field_validator("limits")(_check_limits)
@@ -160,9 +171,16 @@ class Typed(Strict):
 class Parameter(Typed):
     """A recipe parameter given when a run starts (or its default)."""
 
-    required: bool = False
+    required: Flag = False
     default: bool | int | float | str | None = None
     description: str = ""
+
+    @field_validator("default", mode="before")
+    @classmethod
+    def _finite_default(cls, v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"default {v} is not a finite number")
+        return v
 
     @model_validator(mode="after")
     def _default_fits(self) -> Parameter:
@@ -183,7 +201,7 @@ class Parameter(Typed):
             raise ValueError(
                 f"default {d:g} is outside the limits [{self.limits[0]:g}, {self.limits[1]:g}]"
             )
-        if self.pattern and isinstance(d, str) and not re.fullmatch(self.pattern, d):
+        if self.pattern and isinstance(d, str) and not full_match(self.pattern, d):
             raise ValueError(f"default {d!r} does not match the pattern {self.pattern!r}")
         return self
 
@@ -193,4 +211,4 @@ class Input(Typed):
 
     label: str = ""
     equals: ExprField | None = Field(None, description="the value must equal this expression")
-    required: bool = True
+    required: Flag = True

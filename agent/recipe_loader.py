@@ -25,17 +25,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from agent.config import UnitConfig
 from agent.expr import Value, as_value
+from agent.patterns import PatternError, full_match
 from agent.recipe_checks import Finding, Parts, PNode, check
 from agent.recipe_model import (
     PHASE_TYPES,
@@ -48,7 +47,7 @@ from agent.recipe_model import (
     RepeatPhase,
     Role,
 )
-from agent.yamlsource import DocumentError, Loc, Located, Problem, parse_yaml
+from agent.yamlsource import DocumentError, Loc, Located, Problem, parse_yaml, read_source
 
 _PHASE: TypeAdapter[Phase] = TypeAdapter(Phase)
 _ACTION: TypeAdapter[Any] = TypeAdapter(HoldAction)
@@ -59,6 +58,10 @@ _HINTS = {
     "too_short": "this list may not be empty",
     "literal_error": "see docs/recipes.md for the allowed values",
     "union_tag_not_found": f"phase types: {_TYPES}",
+    "int_type": 'write a whole number such as 3 (not true, 1.5 or "3")',
+    "float_type": 'write a number such as 37.5 (not true or "37.5")',
+    "bool_type": "write true or false",
+    "finite_number": "NaN and infinity (.nan, .inf, 1e400) are not numbers here",
 }
 
 
@@ -85,14 +88,10 @@ def load_recipe(path: str | Path, config: UnitConfig | None = None) -> Recipe:
     """Load and check a recipe file; ``DocumentError`` lists every problem at once."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
+        text = read_source(p)
+    except DocumentError as exc:
         raise DocumentError(
-            [Problem(str(p), 1, "", f"cannot read the file: {exc.strerror}")]
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise DocumentError(
-            [Problem(str(p), 1, "", f"not UTF-8 text: {exc.reason}", "is this a YAML file?")]
+            [dataclasses.replace(e, line=e.line or 1) for e in exc.problems]
         ) from None
     return parse_recipe(text, str(p), config)
 
@@ -140,25 +139,13 @@ def parse_recipe(text: str, file: str = "<string>", config: UnitConfig | None = 
 
 
 def _parse(text: str, file: str) -> Located:
+    # a recipe means the same wherever it runs: no ${VAR} from the agent's environment
     try:
-        return parse_yaml(text, file)
+        return parse_yaml(text, file, expand_env=False)
     except DocumentError as exc:
         raise DocumentError(
             [dataclasses.replace(p, line=p.line or 1) for p in exc.problems]
         ) from None
-    except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        raise DocumentError(
-            [Problem(file, line, "", f"not a text file: {exc.reason}", "is this a YAML file?")]
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        raise DocumentError([Problem(file, line, "", f"YAML: {exc}".splitlines()[0])]) from None
-    except RecursionError:
-        raise DocumentError([Problem(file, 1, "", "the document is nested too deeply")]) from None
-    except TypeError as exc:  # e.g. a mapping used as a key
-        raise DocumentError([Problem(file, 1, "", f"YAML: unusable key ({exc})")]) from None
 
 
 def _pydantic_problems(located: Located, exc: ValidationError) -> list[Problem]:
@@ -387,7 +374,11 @@ def _typed(name: str, p: Parameter, raw: Any) -> str | int | float | bool:
     value: str | int | float | bool
     if p.type == "str":
         value = str(raw)
-        if p.pattern and not re.fullmatch(p.pattern, value):
+        try:
+            matches = not p.pattern or full_match(p.pattern, value)
+        except PatternError as exc:
+            raise ValueError(f"parameter {name!r}: {exc}") from None
+        if not matches:
             raise ValueError(f"parameter {name!r}: {value!r} does not match {p.pattern!r}")
         return value
     if p.type == "bool":

@@ -49,7 +49,10 @@ from agent.recipe_fields import (
     Delay,
     Duration,
     ExprField,
+    Flag,
+    Float,
     Input,
+    Int,
     Meaning,
     MethodRef,
     Name,
@@ -168,7 +171,7 @@ class SetPhase(PhaseBase):
 
     type: Literal["set"]
     values: dict[TagRef, ValueField] = Field(min_length=1)
-    tolerance: float = Field(1e-6, ge=0)
+    tolerance: Float = Field(1e-6, ge=0)
 
 
 class WaitPhase(PhaseBase):
@@ -263,8 +266,8 @@ class SamplePhase(PhaseBase):
 
     type: Literal["sample"]
     results: dict[Name, Input] = Field(min_length=1)
-    volume_ml: float = Field(gt=0)
-    wait_for_results: bool = False
+    volume_ml: Float = Field(gt=0)
+    wait_for_results: Flag = False
 
 
 class RepeatPhase(PhaseBase):
@@ -274,7 +277,7 @@ class RepeatPhase(PhaseBase):
     type: Literal["repeat"]
     until: ExprField | None = None
     while_: ExprField | None = Field(None, alias="while")
-    max_iterations: int = Field(100, ge=1, le=100_000)
+    max_iterations: Int = Field(100, ge=1, le=100_000)
     phases: list[Phase] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -350,7 +353,7 @@ class Recipe(Strict):
 
     format: Literal[1]
     id: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")]
-    version: int = Field(ge=1)
+    version: Int = Field(ge=1, description="a whole number, 1 or more")
     title: str
     product: str = ""
     master_file: str = ""
@@ -360,6 +363,13 @@ class Recipe(Strict):
     monitors: list[Monitor] = Field(default_factory=list)
     procedure: list[Operation] = Field(min_length=1)
     source: SkipJsonSchema[str] = Field("", exclude=True, description="the file it came from")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format_is_a_number(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int):  # Literal[1] would take true and 1.0
+            raise ValueError(f"format is the number 1, not {v!r:.40}")
+        return v
 
     @field_validator("equipment")
     @classmethod

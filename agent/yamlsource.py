@@ -1,15 +1,24 @@
-"""YAML documents that remember where every value came from.
+"""YAML documents that remember where every value came from, read within safe limits.
 
 Configurations and recipes are validated with pydantic; its errors name a path such as
 ``devices.bioreactor.tags.temperature.limits``. ``load_yaml`` returns the plain data *and* a
 map from each path to its line, so every problem is reported with file, line and path.
-``${VAR}`` and ``${VAR:-default}`` in string scalars are expanded from the environment.
+``${VAR}`` and ``${VAR:-default}`` in string scalars are expanded from the environment (unit
+configurations only: ``expand_env=False`` for recipes).
+
+Whatever a file holds, the answer is data or a ``DocumentError`` naming file, line and column,
+quickly: files over ``MAX_BYTES`` or not regular, bytes that are not UTF-8 and characters YAML
+forbids (NUL and other control characters) are refused here; nesting, alias bombs, tags,
+merge keys and bad or duplicate keys by the tree builder (``agent.yamltree``).
+
+Public API: ``read_source``, ``decode``, ``parse_yaml``, ``load_yaml``, ``Located``,
+``Problem``, ``DocumentError``.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +27,19 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-Loc = tuple[str | int, ...]
+from agent.yamltree import MAX_BYTES, Loc, Refused, build_tree
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+__all__ = [
+    "MAX_BYTES",
+    "DocumentError",
+    "Loc",
+    "Located",
+    "Problem",
+    "decode",
+    "load_yaml",
+    "parse_yaml",
+    "read_source",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +51,12 @@ class Problem:
     path: str
     message: str
     hint: str = ""
+    column: int | None = None
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
+        if self.line and self.column:
+            where += f":{self.column}"
         text = f"{where}: {self.path or '<document>'}: {self.message}"
         return f"{text} (hint: {self.hint})" if self.hint else text
 
@@ -107,69 +129,116 @@ def _data_path(data: Any, loc: Loc) -> Loc:
     return tuple(kept)
 
 
-def _expand(value: str) -> str:
-    return _ENV.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+def _problem(file: str, mark: Any, message: str, hint: str = "", path: str = "") -> Problem:
+    if mark is None:
+        return Problem(file, 1, path, message, hint)
+    return Problem(file, mark.line + 1, path, message, hint, mark.column + 1)
 
 
-def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str) -> Any:
-    lines[loc] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = yaml.SafeLoader("").construct_object(key_node)
-            if key in out:
-                raise DocumentError(
-                    [
-                        Problem(
-                            file,
-                            key_node.start_mark.line + 1,
-                            ".".join(map(str, (*loc, key))),
-                            f"duplicate key {key!r}",
-                            "each key may appear once",
-                        )
-                    ]
-                )
-            out[key] = _build(value_node, (*loc, key), lines, file)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_build(v, (*loc, i), lines, file) for i, v in enumerate(node.value)]
-    value = yaml.SafeLoader("").construct_object(node)
-    return _expand(value) if isinstance(value, str) else value
+def _position(text: str, index: int) -> tuple[int, int]:
+    """1-based line and column of a character index."""
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
 
 
-def parse_yaml(text: str, file: str = "<string>") -> Located:
-    """Parse YAML text into data with line marks; syntax errors become a ``DocumentError``."""
+def parse_yaml(text: str, file: str = "<string>", *, expand_env: bool = True) -> Located:
+    """Parse YAML text into data with line marks. Syntax errors, broken limits (size, depth,
+    aliases, values), explicit tags, keys that are not single values, duplicate keys and
+    characters YAML does not allow all become a ``DocumentError`` naming line and column.
+    ``expand_env`` expands ``${VAR}`` in strings (unit configurations do, recipes do not)."""
+    if len(text) > MAX_BYTES:
+        line, _ = _position(text, MAX_BYTES)
+        raise DocumentError(
+            [Problem(file, line, "", f"the text is larger than {MAX_BYTES // 1024} KiB")]
+        )
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
+        tree = build_tree(text, expand_env)
+        if tree is None:
+            raise DocumentError([Problem(file, 1, "", "the document is empty")])
+    except Refused as exc:
+        path = ".".join(map(str, exc.path))
+        raise DocumentError([_problem(file, exc.mark, exc.message, exc.hint, path)]) from None
+    except yaml.reader.ReaderError as exc:
+        line, column = _position(text, exc.position)
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
         raise DocumentError(
             [
                 Problem(
                     file,
-                    mark.line + 1 if mark else None,
+                    line,
                     "",
-                    f"YAML syntax: {exc.problem}",
-                    str(exc.context or ""),
+                    f"not a text file: the character U+{code:04X} is not allowed in YAML",
+                    "is this a YAML file? control characters such as NUL are refused",
+                    column,
                 )
             ]
-        ) from exc
-    if root is None:
-        raise DocumentError([Problem(file, None, "", "the document is empty")])
-    lines: dict[Loc, int] = {}
-    data = _build(root, (), lines, file)
-    return Located(data, file, lines)
+        ) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise DocumentError(
+            [_problem(file, mark, f"YAML syntax: {exc.problem}", str(exc.context or ""))]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise DocumentError([Problem(file, 1, "", f"YAML: {exc}".splitlines()[0])]) from None
+    except RecursionError:  # not expected within the limits; never a traceback
+        raise DocumentError([Problem(file, 1, "", "the document is nested too deeply")]) from None
+    return Located(tree[0], file, tree[1])
 
 
-def load_yaml(path: str | Path) -> Located:
-    """Read and parse a YAML file; an unreadable file is a ``DocumentError`` too."""
+def decode(data: bytes, file: str) -> str:
+    """UTF-8 text of a file's bytes; ``DocumentError`` naming the line and column of the first
+    byte that is not UTF-8, or when there are more than ``MAX_BYTES``."""
+    if len(data) > MAX_BYTES:
+        line = data.count(b"\n", 0, MAX_BYTES) + 1
+        raise DocumentError(
+            [
+                Problem(
+                    file,
+                    line,
+                    "",
+                    f"the file is larger than {MAX_BYTES // 1024} KiB",
+                    "Bedside recipes and unit configurations are a few kB",
+                )
+            ]
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DocumentError(
+            [
+                Problem(
+                    file,
+                    line,
+                    "",
+                    f"not UTF-8 text: byte 0x{data[exc.start]:02x} ({exc.reason})",
+                    "is this a YAML file? save it as UTF-8",
+                    column,
+                )
+            ]
+        ) from None
+
+
+def read_source(path: str | Path) -> str:
+    """The text of a YAML file: a regular file of at most ``MAX_BYTES``, UTF-8; anything else
+    is a ``DocumentError``. Reads no more than the limit (a device or a huge file costs
+    nothing)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise DocumentError([Problem(str(p), 1, "", "not a regular file")])
+            data = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise DocumentError(
             [Problem(str(p), None, "", f"cannot read the file: {exc.strerror}")]
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise DocumentError([Problem(str(p), None, "", f"not UTF-8 text: {exc.reason}")]) from exc
-    return parse_yaml(text, str(p))
+        ) from None
+    return decode(data, str(p))
+
+
+def load_yaml(path: str | Path, *, expand_env: bool = True) -> Located:
+    """Read and parse a YAML file (see ``read_source`` and ``parse_yaml``)."""
+    return parse_yaml(read_source(path), str(path), expand_env=expand_env)

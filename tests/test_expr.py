@@ -178,3 +178,78 @@ def test_literals_and_value_expressions() -> None:
     assert as_value(3.0, "ml") == Quantity(3.0, "mL")
     assert parse("2 + 3").constant() == Quantity(5)
     assert parse("param.target").constant() is None
+
+
+# ------------------------------------------------------------------- hostile expressions
+
+HOSTILE = {
+    "100k brackets": "(" * 100_000 + "1" + ")" * 100_000,
+    "100k unclosed brackets": "(" * 100_000,
+    "30 brackets": "(" * 30 + "1" + ")" * 30,
+    "30 nots": "not " * 30 + "true",
+    "30 minuses": "- " * 30 + "1",
+    "30 nested calls": "abs(" * 30 + "1" + ")" * 30,
+    "100k nots": "not " * 100_000 + "true",
+    "100k minuses": "- " * 100_000 + "1",
+    "a chain of 400 plus": " + ".join(["1"] * 400),
+    "a chain of 100 and": " and ".join(["true"] * 100),
+    "a chain of 100 times": "*".join(["1"] * 100),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_expressions_are_expression_errors_not_recursion(name: str) -> None:
+    """Deep nesting and long chains are refused with an ExprError (never a RecursionError)."""
+    with pytest.raises(ExprError, match=r"nested too deeply|at most 1000|operators deep"):
+        parse(HOSTILE[name])
+
+
+def test_expressions_within_the_limits_still_work() -> None:
+    """24 levels of brackets and a chain 60 operators long parse, check and evaluate."""
+    deep = parse("(" * 24 + "reactor.temperature" + ")" * 24 + " > 38.5 degC")
+    assert deep.check(TYPES.__getitem__) == BOOL and deep.test(env)
+    chain = parse(" + ".join(["run.iteration"] * 60))
+    assert chain.evaluate(env) == Quantity(4 * 60, "")
+
+
+@pytest.mark.parametrize(
+    ("text", "column"),
+    [("1 / 0", 3), ("reactor.temperature / (2 - 2)", 21), ("(1 / 0) > 1", 4)],
+)
+def test_division_by_a_constant_zero_is_found_when_checking(text: str, column: int) -> None:
+    """Dividing by a constant zero is a load-time ExprError at the column of the '/'."""
+    with pytest.raises(ExprError, match="division by zero") as info:
+        parse(text).check(TYPES.__getitem__)
+    assert info.value.column == column
+
+
+def test_a_constant_overflow_is_found_when_checking() -> None:
+    """A constant part that overflows to infinity is a load-time ExprError."""
+    with pytest.raises(ExprError, match="not a finite number"):
+        parse("*".join(["1e15"] * 25)).check(TYPES.__getitem__)
+
+
+@pytest.mark.parametrize("text", ["1e999", "1e16", "9" * 400, "200000000000d"])
+def test_number_literals_are_finite_and_bounded(text: str) -> None:
+    """Infinite, NaN-making or absurdly large literals are syntax errors with a column."""
+    with pytest.raises(ExprError, match=r"finite|too large") as info:
+        parse(text)
+    assert info.value.column == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 10**20])
+def test_yaml_numbers_that_are_not_finite_are_not_literals(value: float) -> None:
+    """A YAML .nan, .inf or a huge number is not a value expression."""
+    with pytest.raises(ExprError):
+        literal(value)
+
+
+def test_runtime_overflow_is_an_eval_error() -> None:
+    """A product of huge tag values, or a huge int meeting a float, is an EvalError."""
+    big = {"reactor.a": 1e200, "reactor.b": 10**400}.__getitem__
+    with pytest.raises(EvalError, match="not a finite number"):
+        parse("reactor.a * reactor.a").evaluate(big)
+    with pytest.raises(EvalError, match="too large"):
+        parse("reactor.b + 0.5").evaluate(big)
+    with pytest.raises(EvalError, match="too large"):
+        parse("reactor.b / 3").evaluate(big)
