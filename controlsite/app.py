@@ -108,6 +108,7 @@ def create_app(
         ]
         if missing:  # before reading a byte of the body
             raise Refused(400, "bad_request", f"missing header(s) {', '.join(missing)}")
+        await anyio.to_thread.run_sync(ingestor.admit, h["bedside-unit"])
         declared = h.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise Refused(413, "too_large", f"body of {declared} bytes exceeds {max_body_bytes}")

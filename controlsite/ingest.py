@@ -183,6 +183,23 @@ class Ingestor:
             log.info("ingest_recovered", unit=unit.id, ack=result.ack)
         return result
 
+    def admit(self, unit: str) -> None:
+        """Refuse (and log) a request naming a unit that is not enrolled, before its body is
+        read: a stranger costs a lookup, not a buffered body."""
+        try:
+            self._enrolled(unit)
+        except Refused as exc:
+            self._stranger_refused(unit, exc)
+            raise
+
+    def _enrolled(self, unit_id: str) -> Unit:
+        if not UNIT_ID_RE.match(unit_id):
+            raise Refused(400, "bad_request", f"unit id {unit_id!r} is not valid")
+        unit = self.store.unit(unit_id)
+        if unit is None:
+            raise Refused(401, "unknown_unit", f"unit {unit_id!r} is not enrolled")
+        return unit
+
     def _stranger_refused(self, unit: str, exc: Refused) -> None:
         """Log a refusal of an unauthenticated request, once per (unit, error) while recent."""
         key = (unit[:64], exc.error)
@@ -225,11 +242,7 @@ class Ingestor:
         )
 
     def _authenticate(self, request: IngestRequest) -> Unit:
-        if not UNIT_ID_RE.match(request.unit):
-            raise Refused(400, "bad_request", f"unit id {request.unit!r} is not valid")
-        unit = self.store.unit(request.unit)
-        if unit is None:
-            raise Refused(401, "unknown_unit", f"unit {request.unit!r} is not enrolled")
+        unit = self._enrolled(request.unit)
         try:
             signature = base64.b64decode(request.signature, validate=True)
             when = parse_time(request.time)

@@ -103,7 +103,10 @@ def init_state(state_dir: str | Path, store: Store, *, now: datetime, force: boo
     if path.exists():
         if not force:
             raise TokenError(f"{path} already exists; replacing the admin token needs --force")
-        old = load_api_token(state_dir)
+        try:  # whatever its mode (a file others could read is why one replaces it)
+            old = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            old = None
     issued = issue(store, "admin", now=now)
     try:
         _write_private(path, issued.secret)

@@ -184,5 +184,9 @@ def test_init_writes_a_private_admin_token(tmp_path: Path, store_url: str) -> No
         os.chmod(path, 0o644)
         with pytest.raises(ControlSiteError, match="chmod 600"):
             load_api_token(tmp_path / "cs")
+        exposed = path.read_text().strip()
+        init_state(tmp_path / "cs", store, now=NOW, force=True)  # replacing an exposed file
+        assert authenticate(store, exposed, NOW) is None
+        assert os.stat(path).st_mode & 0o777 == 0o600
     finally:
         store.close()

@@ -349,3 +349,21 @@ def test_alarms_of_an_older_database_are_migrated(store_url: str, key: UnitKey) 
         assert s.alarms("u1")[0].count == 2 and len(s.alarms("u1")) == 2
     finally:
         s.close()
+
+
+async def test_stranger_is_refused_before_its_body_is_read(store: Store) -> None:
+    """A request naming a unit that is not enrolled is refused 401 before its body is read: a
+    streamed body far over the size limit is not buffered (it would answer 413)."""
+    app = create_app(store, now=lambda: T0, max_body_bytes=1000)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(50):
+            yield b"x" * 1000
+
+    headers = {"Bedside-Unit": "intruder", "Bedside-Time": format_time(T0),
+               "Bedside-Nonce": "0" * 32, "Bedside-Signature": "AAAA",
+               "Content-Encoding": "deflate"}  # fmt: skip
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cs") as c:
+        response = await c.post(INGEST_PATH, content=chunks(), headers=headers)
+    assert (response.status_code, response.json()["error"]) == (401, "unknown_unit")
