@@ -29,6 +29,7 @@ Errors of the control site::
     ├── StoreError            the database failed (unreachable, locked, schema)
     │   └── HeadConflict      another ingest advanced the unit's head first: retry
     ├── EnrolmentError        unknown unit, malformed unit id, a different key for an enrolled unit
+    ├── TokenError            (controlsite.tokens) bad user or expiry, unknown token id, token file
     └── Refused               (controlsite.ingest) a request or batch refused, naming the record
 """
 
