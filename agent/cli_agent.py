@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import typer
@@ -14,6 +16,8 @@ from agent.cli_common import fail, load_config_or_exit, run_async
 keys_app = typer.Typer(help="The unit's signing key.", no_args_is_help=True)
 agent_app = typer.Typer(help="The on-site agent service.", no_args_is_help=True)
 cs_app = typer.Typer(help="The control-site service.", no_args_is_help=True)
+token_app = typer.Typer(help="The control site's query-API tokens.", no_args_is_help=True)
+cs_app.add_typer(token_app, name="token")
 
 STATE_DIR = typer.Option(
     Path(os.environ.get("BEDSIDE_STATE_DIR", ".bedside")),
@@ -23,7 +27,7 @@ STATE_DIR = typer.Option(
 CS_STATE = typer.Option(
     Path(os.environ.get("BEDSIDE_CONTROL_SITE_DIR", ".bedside-control-site")),
     "--state-dir",
-    help="the control site's state folder (API token)",
+    help="the control site's state folder (the admin API token file)",
 )
 
 
@@ -100,8 +104,14 @@ def agent_run(
     SIGTERM or Ctrl-C stops it cleanly (journal flushed, signed and closed; exit 0)."""
     from agent.records import JournalError
     from agent.service import AgentService, AgentSettings, run_until_signalled
+    from agent.uplink import UplinkURLError, check_control_site_url
     from drivers.clock import ScaledClock, SystemClock
 
+    if control_site is not None:  # first of all: nothing connects anywhere before this
+        try:
+            control_site = check_control_site_url(control_site)
+        except UplinkURLError as exc:
+            fail(str(exc))
     if not speed > 0:
         fail(f"--speed must be positive, not {speed}")
     if not retention_days > 0:
@@ -143,18 +153,48 @@ def status(
     typer.echo(json.dumps(r.json(), indent=2))
 
 
-@cs_app.command("init")
-def cs_init(state_dir: Path = CS_STATE, force: bool = typer.Option(False, "--force")) -> None:
-    """Create the control site's state folder and its API token (0600)."""
-    from controlsite.service import init_state
+CS_DB = typer.Option("controlsite.db", "--db", help="SQLite path or postgresql:// URL")
 
-    token = init_state(state_dir, force=force)
+
+def _cs_store(db: str) -> Any:
+    """The control-site store at ``db``, or a clear error."""
+    from controlsite.store import ControlSiteError, open_store
+
+    try:
+        return open_store(db)
+    except ControlSiteError as exc:
+        fail(str(exc))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@cs_app.command("init")
+def cs_init(
+    state_dir: Path = CS_STATE,
+    db: str = CS_DB,
+    force: bool = typer.Option(False, "--force", help="replace (and revoke) the admin token"),
+) -> None:
+    """Create the database and an admin API token, written to <state dir>/api-token (0600)."""
+    from controlsite.store import ControlSiteError
+    from controlsite.tokens import TOKEN_FILE, init_state
+
+    store = _cs_store(db)
+    try:
+        token = init_state(state_dir, store, now=_now(), force=force)
+    except ControlSiteError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
     typer.echo(
         json.dumps(
             {
                 "state_dir": str(state_dir),
-                "api_token_file": str(state_dir / "api-token"),
-                "api_token": token,
+                "db": db,
+                "api_token_file": str(state_dir / TOKEN_FILE),
+                "token_id": token.id,
+                "user": token.user,
             }
         )
     )
@@ -162,28 +202,27 @@ def cs_init(state_dir: Path = CS_STATE, force: bool = typer.Option(False, "--for
 
 @cs_app.command("serve")
 def cs_serve(
-    db: str = typer.Option("controlsite.db", "--db", help="SQLite path or postgresql:// URL"),
+    db: str = CS_DB,
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8443, "--port"),
     tls_cert: str = typer.Option(None, "--tls-cert"),
     tls_key: str = typer.Option(None, "--tls-key"),
-    state_dir: Path = CS_STATE,
+    insecure: bool = typer.Option(
+        False, "--insecure", help="allow plain HTTP on a non-loopback address"
+    ),
 ) -> None:
-    """Serve ingest and queries (HTTPS when a certificate and key are given)."""
+    """Serve ingest and queries: HTTPS when a certificate and key are given; plain HTTP only
+    on loopback, unless --insecure."""
     from controlsite.service import serve
 
     try:
-        serve(db, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, state_dir=state_dir)
+        serve(db, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, insecure=insecure)
     except Exception as exc:
         fail(str(exc))
 
 
 @cs_app.command("enroll")
-def cs_enroll(
-    unit: str,
-    pubkey: str,
-    db: str = typer.Option("controlsite.db", "--db", help="SQLite path or postgresql:// URL"),
-) -> None:
+def cs_enroll(unit: str, pubkey: str, db: str = CS_DB) -> None:
     """Register a unit and its public key."""
     from controlsite.enroll import enroll
 
@@ -191,3 +230,54 @@ def cs_enroll(
         typer.echo(json.dumps(enroll(db, unit, pubkey)))
     except Exception as exc:
         fail(str(exc))
+
+
+@token_app.command("create")
+def cs_token_create(
+    user: str = typer.Option(..., "--user", help="who the token is for"),
+    expires_days: int = typer.Option(None, "--expires-days", help="valid for N days"),
+    db: str = CS_DB,
+) -> None:
+    """Create a query-API token; its secret is printed this once and never again."""
+    from controlsite.store import ControlSiteError
+    from controlsite.tokens import issue
+
+    store = _cs_store(db)
+    try:
+        issued = issue(store, user, now=_now(), expires_days=expires_days)
+    except ControlSiteError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    typer.echo(json.dumps({**issued.token.as_dict(), "token": issued.secret}))
+
+
+@token_app.command("list")
+def cs_token_list(db: str = CS_DB) -> None:
+    """List the tokens: id, user, created, expires, revoked (never a secret)."""
+    from controlsite.store import ControlSiteError
+
+    store = _cs_store(db)
+    try:
+        tokens = store.tokens()
+    except ControlSiteError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    typer.echo(json.dumps({"tokens": [t.as_dict() for t in tokens]}))
+
+
+@token_app.command("revoke")
+def cs_token_revoke(token_id: str, db: str = CS_DB) -> None:
+    """Revoke a token by its id: it is refused from the next request on."""
+    from controlsite.store import ControlSiteError
+    from controlsite.tokens import revoke
+
+    store = _cs_store(db)
+    try:
+        token = revoke(store, token_id, _now())
+    except ControlSiteError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    typer.echo(json.dumps(token.as_dict()))

@@ -10,7 +10,6 @@ At the end the journal is verified offline and compared with what the control si
 
 from __future__ import annotations
 
-import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -114,9 +113,7 @@ def demo(
     async def go() -> None:
         store = open_store(str(work / "control-site.db"))
         try:
-            async with ControlSiteServer(
-                store, api_token=secrets.token_urlsafe(16), port=_free_port()
-            ) as cs:
+            async with ControlSiteServer(store, port=_free_port()) as cs:
                 console.print(
                     f"[bold]Bedside demo[/]: control site at {cs.url}, simulated unit at "
                     f"{speed:g}x, recipe {recipe}"

@@ -26,6 +26,11 @@ Link-state changes become journal records of kind ``uplink`` with body ``{"link"
 "down" | "refused", ...}``. Only changes are recorded, and "down" only once the link has failed
 for ``down_after`` seconds, so a flapping link does not flood the journal (each such record is
 itself uplinked). ``status()`` reports the link immediately.
+
+The URL must be ``https://``; plain ``http://`` is accepted only to loopback (127.0.0.0/8,
+``::1``, ``localhost``: a control site on the same machine, the demo, tests), since the batches
+carry patients' records. ``check_control_site_url`` says so before anything connects;
+``bedside agent run`` calls it first of all.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import ipaddress
 import random
 import secrets
 import ssl
+import urllib.parse
 import zlib
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -49,6 +56,45 @@ from drivers.clock import Clock
 log = structlog.get_logger(__name__)
 
 INGEST_PATH = "/api/v1/ingest"
+
+
+class UplinkURLError(ValueError):
+    """A control-site URL the uplink will not use; the message names it and says why."""
+
+
+def _loopback(host: str) -> bool:
+    if host.rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_control_site_url(url: str) -> str:
+    """``url`` without a trailing slash, if the uplink may send to it: ``https://`` anywhere,
+    ``http://`` only to loopback. Raises ``UplinkURLError`` naming the URL; connects nowhere."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises on a malformed port
+    except ValueError as exc:
+        raise UplinkURLError(f"control-site URL {url!r} is not a valid URL: {exc}") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not host:
+        raise UplinkURLError(
+            f"control-site URL {url!r} must be https://host[:port] (or http:// to loopback)"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise UplinkURLError(f"control-site URL {url!r} must not carry a user or password")
+    if parts.query or parts.fragment:
+        raise UplinkURLError(f"control-site URL {url!r} must not have a query or fragment")
+    if scheme == "http" and not _loopback(host):
+        raise UplinkURLError(
+            f"control-site URL {url!r} is plain http:// to {host}, which is not loopback: "
+            "records would cross the network unencrypted; use https:// (with --ca for a "
+            "self-signed certificate)"
+        )
+    return url.rstrip("/")
 
 
 class UplinkJournal(Protocol):
@@ -139,7 +185,7 @@ class Uplink:
         rng: random.Random | None = None,
     ) -> None:
         self._journal = journal
-        self.url = url.rstrip("/")
+        self.url = check_control_site_url(url)
         self._endpoint = self.url + INGEST_PATH
         self._key = unit_key
         self._clock = clock

@@ -9,15 +9,14 @@
     GET  /api/v1/units/{unit}/alarms          tamper alarms, newest first
 
 Ingest is authenticated by the unit's request signature (``controlsite.ingest``); every GET
-needs ``Authorization: Bearer <api token>`` (the token ``bedside control-site init`` wrote;
-without a configured token the queries answer 401). Errors are JSON
-``{"error": code, "reason": text, ...}``. Store calls are synchronous and run in worker
+needs ``Authorization: Bearer <token>``, a live token of the store (``controlsite.tokens``:
+per user, hashed, expiring, revocable), else it answers 401 before anything is read. Errors
+are JSON ``{"error": code, "reason": text, ...}``. Store calls are synchronous and run in worker
 threads, so a slow database never stalls the event loop.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -30,8 +29,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from agent.records import Kind
+from controlsite.alarms import AlarmPolicy, clean_text
 from controlsite.ingest import MAX_BODY_BYTES, Ingestor, IngestRequest, Refused
 from controlsite.store import ControlSiteError, Store, StoreError
+from controlsite.tokens import authenticate
 
 log = structlog.get_logger(__name__)
 KIND_VALUES = frozenset(k.value for k in Kind)
@@ -61,28 +62,33 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 def create_app(
     store: Store,
     *,
-    api_token: str | None,
     now: Callable[[], datetime] | None = None,
     max_skew: float | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    alarm_policy: AlarmPolicy | None = None,
 ) -> Starlette:
-    """The ASGI app over ``store``. ``now`` stamps alarms (default: the system's UTC time);
-    ``max_skew`` refuses requests whose signed time is further off than that many seconds."""
-    ingestor = Ingestor(store, now=now or (lambda: datetime.now(UTC)), max_skew=max_skew)
+    """The ASGI app over ``store``. ``now`` stamps alarms and checks token expiry (default: the
+    system's UTC time); ``max_skew`` refuses requests whose signed time is further off than
+    that many seconds; ``alarm_policy`` bounds the tamper alarms (default ``AlarmPolicy()``)."""
+    clock = now or (lambda: datetime.now(UTC))
+    ingestor = Ingestor(store, now=clock, max_skew=max_skew, alarms=alarm_policy)
 
-    def authorized(request: Request) -> bool:
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        return (
-            api_token is not None
-            and scheme.lower() == "bearer"
-            and hmac.compare_digest(token.strip().encode(), api_token.encode())
-        )
+    async def authorized(request: Request) -> bool:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            return False
+        token = await anyio.to_thread.run_sync(authenticate, store, presented.strip(), clock())
+        if token is None:
+            return False
+        log.debug("query", user=token.user, token=token.id, path=request.url.path)
+        return True
 
     def query(handler: Handler) -> Handler:
         async def guarded(request: Request) -> Response:
-            if not authorized(request):
-                return _error(401, "unauthorized", "a valid bearer API token is required")
+            if not await authorized(request):
+                return _error(
+                    401, "unauthorized", "a valid bearer token is required (expired or revoked?)"
+                )
             return await handler(request)
 
         return guarded
@@ -95,6 +101,14 @@ def create_app(
 
     async def ingest(request: Request) -> Response:
         h = request.headers
+        missing = [
+            name
+            for name in ("bedside-unit", "bedside-time", "bedside-nonce", "bedside-signature")
+            if not h.get(name)
+        ]
+        if missing:  # before reading a byte of the body
+            raise Refused(400, "bad_request", f"missing header(s) {', '.join(missing)}")
+        await anyio.to_thread.run_sync(ingestor.admit, h["bedside-unit"])
         declared = h.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise Refused(413, "too_large", f"body of {declared} bytes exceeds {max_body_bytes}")
@@ -103,13 +117,6 @@ def create_app(
             body += chunk
             if len(body) > max_body_bytes:
                 raise Refused(413, "too_large", f"body exceeds {max_body_bytes} bytes")
-        missing = [
-            name
-            for name in ("bedside-unit", "bedside-time", "bedside-nonce", "bedside-signature")
-            if not h.get(name)
-        ]
-        if missing:
-            raise Refused(400, "bad_request", f"missing header(s) {', '.join(missing)}")
         req = IngestRequest(
             unit=h["bedside-unit"],
             time=h["bedside-time"],
@@ -155,7 +162,7 @@ def create_app(
         return JSONResponse({"unit": unit, "tags": tags})
 
     async def alarms(request: Request) -> Response:
-        unit = request.path_params["unit"]  # alarms exist for units that failed to enrol, too
+        unit = await known_unit(request)  # only enrolled units have alarms
         limit = _int_param(request, "limit", 100, 1, 1000)
         found = await anyio.to_thread.run_sync(store.alarms, unit, limit)
         return JSONResponse({"unit": unit, "alarms": [a.as_dict() for a in found]})
@@ -165,8 +172,8 @@ def create_app(
         return JSONResponse(exc.as_dict(), status_code=exc.status)
 
     async def store_failed(request: Request, exc: Exception) -> Response:
-        log.error("store_failed", path=request.url.path, error=str(exc))
-        return _error(503, "store_unavailable", str(exc), retry=True)
+        log.error("store_failed", path=request.url.path, error=clean_text(str(exc)))
+        return _error(503, "store_unavailable", clean_text(str(exc)), retry=True)
 
     routes = [
         Route("/api/v1/ingest", ingest, methods=["POST"]),

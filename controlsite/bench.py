@@ -112,7 +112,7 @@ async def drain(
                 try:
                     enroll_unit(store, unit, key.public_key.b64)
                     port = _free_port()
-                    async with ControlSiteServer(store, api_token=None, port=port) as site:
+                    async with ControlSiteServer(store, port=port) as site:
                         uplink = Uplink(
                             journal, site.url, unit_key=key, clock=clock, poll_interval=0.01
                         )

@@ -20,8 +20,14 @@ Verification, in order, each failure a ``Refused`` naming the record where one c
 Then the new records, the unit's head and the latest tag values are stored in one
 transaction; a concurrent ingest that moved the head first makes us re-read and retry, and after
 ``attempts`` lost races the request is answered 409 ``conflict`` (``retry``: the uplink tries
-again). Every refusal but a conflict, a stale time or an oversize body raises a tamper alarm for
-the unit. The answer is the new acknowledged seq: the highest contiguous stored seq.
+again). The answer is the new acknowledged seq: the highest contiguous stored seq.
+
+A refusal in step 1 writes nothing at all: a stranger (an id that is not enrolled, a signature
+that does not verify, a malformed request) cannot create a row in any table. A refusal after
+the request proved the unit's key raises a tamper alarm for that unit (``controlsite.alarms``:
+de-duplicated and bounded in the database), except a conflict, an oversize body or an unknown
+encoding, which are not evidence of tampering. Every text that leaves here (the answer's
+``reason``, the log, the alarm) is cleaned of control characters and markup and bounded.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import base64
 import binascii
 import hashlib
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,11 +51,11 @@ from agent.records import (
     Record,
     RecordFormatError,
     decode_samples,
-    format_time,
     parse_time,
     uplink_payload,
 )
 from agent.verify import ChainVerifier
+from controlsite.alarms import AlarmPolicy, clean_text
 from controlsite.store import (
     UNIT_ID_RE,
     ControlSiteError,
@@ -64,6 +71,7 @@ MAX_BODY_BYTES = 16 * 2**20  # compressed
 MAX_RECORDS_BYTES = 128 * 2**20  # decompressed
 ENCODINGS = {"deflate": zlib.MAX_WBITS, "gzip": zlib.MAX_WBITS | 16}
 _NO_ALARM = frozenset({"conflict", "stale_request", "too_large", "bad_request"})
+_STRANGERS_REMEMBERED = 256  # refusals of unauthenticated requests de-duplicated in the log
 
 
 class Refused(ControlSiteError):
@@ -87,6 +95,11 @@ class Refused(ControlSiteError):
         self.head = head
 
     @property
+    def text(self) -> str:
+        """The message, cleaned (bounded, no control characters or markup): what is shown."""
+        return clean_text(str(self))
+
+    @property
     def alarm(self) -> bool:
         """Whether this refusal raises a tamper alarm."""
         return self.error not in _NO_ALARM
@@ -100,7 +113,7 @@ class Refused(ControlSiteError):
         """The JSON answer."""
         return {
             "error": self.error,
-            "reason": str(self),
+            "reason": self.text,
             "seq": self.seq,
             "head": self.head,
             "retry": self.retry,
@@ -140,35 +153,74 @@ class Ingestor:
         max_skew: float | None = None,
         attempts: int = 5,
         max_records_bytes: int = MAX_RECORDS_BYTES,
+        alarms: AlarmPolicy | None = None,
     ) -> None:
         self.store = store
         self._now = now
         self._max_skew = max_skew
         self._attempts = attempts
         self._max_records_bytes = max_records_bytes
+        self._alarms = alarms or AlarmPolicy()
+        # last refusal per enrolled unit (bounded by the enrolled units) ...
         self._last_refusal: dict[str, tuple[str, int | None]] = {}
+        # ... and the recent refusals of strangers, bounded: they choose their unit ids
+        self._strangers: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def ingest(self, request: IngestRequest) -> IngestResult:
-        """Verify and store one batch; raises ``Refused`` (after recording a tamper alarm)."""
+        """Verify and store one batch; raises ``Refused`` (after recording a tamper alarm when
+        the request proved the unit's key)."""
         try:
-            result = self._ingest(request)
+            unit = self._authenticate(request)
         except Refused as exc:
-            self._refused(request.unit, exc)
+            self._stranger_refused(request.unit, exc)
             raise
-        if self._last_refusal.pop(request.unit, None) is not None:
-            log.info("ingest_recovered", unit=request.unit, ack=result.ack)
+        try:
+            result = self._ingest(unit, request)
+        except Refused as exc:
+            self._refused(unit.id, exc)
+            raise
+        if self._last_refusal.pop(unit.id, None) is not None:
+            log.info("ingest_recovered", unit=unit.id, ack=result.ack)
         return result
 
+    def admit(self, unit: str) -> None:
+        """Refuse (and log) a request naming a unit that is not enrolled, before its body is
+        read: a stranger costs a lookup, not a buffered body."""
+        try:
+            self._enrolled(unit)
+        except Refused as exc:
+            self._stranger_refused(unit, exc)
+            raise
+
+    def _enrolled(self, unit_id: str) -> Unit:
+        if not UNIT_ID_RE.match(unit_id):
+            raise Refused(400, "bad_request", f"unit id {unit_id!r} is not valid")
+        unit = self.store.unit(unit_id)
+        if unit is None:
+            raise Refused(401, "unknown_unit", f"unit {unit_id!r} is not enrolled")
+        return unit
+
+    def _stranger_refused(self, unit: str, exc: Refused) -> None:
+        """Log a refusal of an unauthenticated request, once per (unit, error) while recent."""
+        key = (unit[:64], exc.error)
+        repeat = key in self._strangers
+        self._strangers[key] = None
+        self._strangers.move_to_end(key)
+        while len(self._strangers) > _STRANGERS_REMEMBERED:
+            self._strangers.popitem(last=False)
+        report = log.debug if repeat else log.warning
+        unit_text = clean_text(unit, 64)
+        report("ingest_refused_unauthenticated", unit=unit_text, error=exc.error, reason=exc.text)
+
     def _refused(self, unit: str, exc: Refused) -> None:
-        if exc.alarm and UNIT_ID_RE.match(unit):
-            self.store.add_alarm(unit, format_time(self._now()), str(exc), exc.seq)
+        if exc.alarm:
+            self._alarms.record(self.store, unit, self._now(), exc.error, str(exc), exc.seq)
         repeat = self._last_refusal.get(unit) == (exc.error, exc.seq)
         self._last_refusal[unit] = (exc.error, exc.seq)
         report = log.debug if repeat or exc.retry else log.error
-        report("ingest_refused", unit=unit, error=exc.error, seq=exc.seq, reason=str(exc))
+        report("ingest_refused", unit=unit, error=exc.error, seq=exc.seq, reason=exc.text)
 
-    def _ingest(self, request: IngestRequest) -> IngestResult:
-        unit = self._authenticate(request)
+    def _ingest(self, unit: Unit, request: IngestRequest) -> IngestResult:
         lines = self._decompress(request)
         if not lines:
             return IngestResult(unit.head_seq, 0, 0)
@@ -190,11 +242,7 @@ class Ingestor:
         )
 
     def _authenticate(self, request: IngestRequest) -> Unit:
-        if not UNIT_ID_RE.match(request.unit):
-            raise Refused(400, "bad_request", f"unit id {request.unit!r} is not valid")
-        unit = self.store.unit(request.unit)
-        if unit is None:
-            raise Refused(401, "unknown_unit", f"unit {request.unit!r} is not enrolled")
+        unit = self._enrolled(request.unit)
         try:
             signature = base64.b64decode(request.signature, validate=True)
             when = parse_time(request.time)

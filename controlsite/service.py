@@ -1,23 +1,22 @@
-"""Running the control site: state directory, API token, and the uvicorn server.
+"""Running the control site: the uvicorn server, and the rule that keeps it off plain HTTP.
 
-``init_state(state_dir)`` writes a random API token to ``<state_dir>/api-token`` (mode 0600);
-the queries of the API need it as ``Authorization: Bearer <token>``. ``serve(...)`` runs the
-service until interrupted (the ``bedside control-site serve`` command);
-``ControlSiteServer`` runs it inside an existing event loop (the demo, tests, benchmarks)::
+``serve(...)`` runs the service until interrupted (the ``bedside control-site serve``
+command); ``ControlSiteServer`` runs it inside an existing event loop (the demo, tests,
+benchmarks)::
 
-    async with ControlSiteServer(store, api_token=token, port=port) as site:
+    async with ControlSiteServer(store, port=port) as site:
         ...  # site.url is e.g. "http://127.0.0.1:8443"
 
-The service binds 127.0.0.1 unless told otherwise and speaks HTTPS when given a certificate
-and key (PEM files).
+The queries need a token of the store (``controlsite.tokens``). The service binds 127.0.0.1
+unless told otherwise and speaks HTTPS when given a certificate and key (PEM files); plain HTTP
+on any address but loopback is refused unless ``insecure`` (``check_transport``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
+import ipaddress
 import socket
 from pathlib import Path
 from types import TracebackType
@@ -31,62 +30,46 @@ from controlsite.store import ControlSiteError, Store, open_store
 
 log = structlog.get_logger(__name__)
 
-TOKEN_FILE = "api-token"
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 
-def init_state(state_dir: str | Path, *, force: bool = False) -> str:
-    """Create ``state_dir`` and write a new random API token into it (0600); returns the token.
-    Refuses to replace an existing token unless ``force`` (clients would lose access)."""
-    state = Path(state_dir)
-    path = state / TOKEN_FILE
-    if path.exists() and not force:
-        raise ControlSiteError(f"{path} already exists; replacing the API token needs force")
-    token = secrets.token_urlsafe(32)
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1) or ``localhost``; a wildcard
+    (0.0.0.0, ::) or any other name is not."""
+    if host.lower().rstrip(".") in LOOPBACK_NAMES:
+        return True
     try:
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(TOKEN_FILE + ".tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, (token + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ControlSiteError(f"cannot write the API token into {state}: {exc}") from exc
-    return token
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
-def load_api_token(state_dir: str | Path) -> str:
-    """The API token ``init_state`` wrote; refuses a token file others can read."""
-    path = Path(state_dir) / TOKEN_FILE
-    try:
-        if path.stat().st_mode & 0o077:
-            raise ControlSiteError(f"{path} is readable by others; chmod 600 it")
-        token = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError as exc:
-        raise ControlSiteError(f"no API token at {path}; run `bedside control-site init`") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ControlSiteError(f"cannot read the API token {path}: {exc}") from exc
-    if not token:
-        raise ControlSiteError(f"the API token file {path} is empty")
-    return token
+def check_transport(host: str, port: int, *, tls: bool, insecure: bool) -> None:
+    """Refuse plain HTTP on an address other hosts can reach, unless ``insecure``: tokens and
+    patients' records would cross the network in clear text."""
+    if tls or insecure or is_loopback(host):
+        return
+    raise ControlSiteError(
+        f"refusing to serve plain HTTP on {host}:{port}: API tokens and records would cross "
+        "the network unencrypted; give --tls-cert and --tls-key, or --insecure to accept that "
+        "(e.g. behind a TLS proxy on the same machine)"
+    )
 
 
 def _config(
     store: Store,
     *,
-    api_token: str | None,
     host: str,
     port: int,
     tls_cert: str | Path | None,
     tls_key: str | Path | None,
+    insecure: bool,
     max_skew: float | None,
 ) -> uvicorn.Config:
     if (tls_cert is None) != (tls_key is None):
         raise ControlSiteError("HTTPS needs both a certificate and its key")
-    app = create_app(store, api_token=api_token, max_skew=max_skew)
+    check_transport(host, port, tls=tls_cert is not None, insecure=insecure)
+    app = create_app(store, max_skew=max_skew)
     return uvicorn.Config(
         app,
         host=host,
@@ -110,20 +93,20 @@ class ControlSiteServer:
         self,
         store: Store,
         *,
-        api_token: str | None,
         host: str = "127.0.0.1",
         port: int = 8443,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        insecure: bool = False,
         max_skew: float | None = None,
     ) -> None:
         config = _config(
             store,
-            api_token=api_token,
             host=host,
             port=port,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            insecure=insecure,
             max_skew=max_skew,
         )
         self.url = f"{'https' if tls_cert else 'http'}://{host}:{port}"
@@ -177,27 +160,29 @@ def serve(
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
     *,
-    api_token: str | None = None,
-    state_dir: str | Path | None = None,
+    insecure: bool = False,
     max_skew: float | None = None,
 ) -> None:
-    """Serve the control site on ``db_url`` until interrupted. The API token is ``api_token``,
-    else the one in ``state_dir``; without either the query endpoints answer 401."""
-    if api_token is None and state_dir is not None:
-        api_token = load_api_token(state_dir)
-    if api_token is None:
-        log.warning("control_site_no_api_token", hint="queries will answer 401")
+    """Serve the control site on ``db_url`` until interrupted; refuses plain HTTP off loopback
+    unless ``insecure`` (checked before the database is opened or a port bound)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ControlSiteError("HTTPS needs both --tls-cert and --tls-key")
+    check_transport(host, port, tls=tls_cert is not None, insecure=insecure)
     store = open_store(db_url)
     try:
         config = _config(
             store,
-            api_token=api_token,
             host=host,
             port=port,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            insecure=insecure,
             max_skew=max_skew,
         )
+        if not store.tokens():
+            log.warning("control_site_no_tokens", hint="`bedside control-site token create`")
+        if insecure and tls_cert is None and not is_loopback(host):
+            log.warning("control_site_plain_http", host=host, port=port)
         log.info("control_site_serving", host=host, port=port, tls=tls_cert is not None)
         uvicorn.Server(config).run()
     finally:

@@ -8,8 +8,11 @@ Tables (the same on both)::
     units    id, public key (base64), key id, enrolled at, head seq, head hash
     records  unit, seq, time, kind, run, hash, data (the record's canonical bytes); PK (unit, seq)
     latest   unit, tag, value (canonical JSON), quality, time, seq: the last sample of each tag
-    alarms   id, unit, time, reason, seq, count, last time: tamper alarms (a repeat of the
-             unit's latest alarm bumps its count instead of adding a row)
+    alarms   id, unit, time, error, reason, seq, count, last time, key: tamper alarms; a
+             repeat (same unit and key) bumps its row's count instead of adding a row, and past
+             ``limit`` new alarms of a unit in one window the rest bump one overflow row
+    tokens   id, username, hash (SHA-256 hex of the secret), created, expires, revoked: the
+             bearer tokens of the query API (``controlsite.tokens``); secrets are never stored
 
 The per-unit head moves in the same transaction that stores the records, by a conditional
 ``UPDATE units SET head_seq = new WHERE id = unit AND head_seq = old``: when two ingest processes
@@ -26,6 +29,7 @@ Errors of the control site::
     ├── StoreError            the database failed (unreachable, locked, schema)
     │   └── HeadConflict      another ingest advanced the unit's head first: retry
     ├── EnrolmentError        unknown unit, malformed unit id, a different key for an enrolled unit
+    ├── TokenError            (controlsite.tokens) bad user or expiry, unknown token id, token file
     └── Refused               (controlsite.ingest) a request or batch refused, naming the record
 """
 
@@ -97,6 +101,7 @@ class Alarm:
 
     unit: str
     time: str
+    error: str
     reason: str
     seq: int | None
     count: int
@@ -107,10 +112,45 @@ class Alarm:
         return {
             "unit": self.unit,
             "time": self.time,
+            "error": self.error,
             "reason": self.reason,
             "seq": self.seq,
             "count": self.count,
             "last_time": self.last_time,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NewAlarm:
+    """A tamper alarm to record: ``key`` identifies repeats of the same refusal, ``reason`` is
+    already cleaned (``controlsite.alarms.clean_text``)."""
+
+    unit: str
+    time: str
+    error: str
+    reason: str
+    seq: int | None
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A query-API token as stored: never its secret, only the secret's hash elsewhere."""
+
+    id: str
+    user: str
+    created: str
+    expires: str | None
+    revoked: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (no secret: the store has none)."""
+        return {
+            "id": self.id,
+            "user": self.user,
+            "created": self.created,
+            "expires": self.expires,
+            "revoked": self.revoked,
         }
 
 
@@ -162,12 +202,32 @@ class Store(Protocol):
         """The last value of every tag of ``unit``, by tag."""
         ...
 
-    def add_alarm(self, unit: str, when: str, reason: str, seq: int | None) -> None:
-        """Record a tamper alarm (a repeat of the unit's latest alarm bumps its count)."""
+    def add_alarm(
+        self, alarm: NewAlarm, overflow: NewAlarm, *, window_start: str, limit: int
+    ) -> None:
+        """Record a tamper alarm of an enrolled unit, atomically across processes: a repeat
+        (same unit and key) bumps that row's count; once ``limit`` alarms of the unit were
+        first seen since ``window_start``, a new one adds or bumps ``overflow`` instead."""
         ...
 
     def alarms(self, unit: str, limit: int = 100) -> list[Alarm]:
-        """The unit's tamper alarms, newest first."""
+        """The unit's tamper alarms, the most recently seen first."""
+        ...
+
+    def add_token(self, token: Token, digest: str) -> None:
+        """Store a new token under the SHA-256 hex ``digest`` of its secret."""
+        ...
+
+    def token_by_digest(self, digest: str) -> Token | None:
+        """The token whose secret hashes to ``digest``, or None."""
+        ...
+
+    def tokens(self) -> list[Token]:
+        """Every token (revoked and expired ones too), oldest first."""
+        ...
+
+    def revoke_token(self, token_id: str, when: str) -> Token | None:
+        """Mark a token revoked at ``when`` (kept if already revoked); None if unknown."""
         ...
 
 

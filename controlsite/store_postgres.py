@@ -37,8 +37,18 @@ CREATE TABLE IF NOT EXISTS latest (
     time TEXT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (unit, tag));
 CREATE TABLE IF NOT EXISTS alarms (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, unit TEXT NOT NULL, time TEXT NOT NULL,
-    reason TEXT NOT NULL, seq BIGINT, count INTEGER NOT NULL, last_time TEXT NOT NULL);
+    reason TEXT NOT NULL, seq BIGINT, count INTEGER NOT NULL, last_time TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT '', akey TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS alarms_unit ON alarms (unit, id);
+-- a database made before alarms had keys (issue 8): add the columns, one key per old row
+ALTER TABLE alarms ADD COLUMN IF NOT EXISTS error TEXT NOT NULL DEFAULT '';
+ALTER TABLE alarms ADD COLUMN IF NOT EXISTS akey TEXT;
+UPDATE alarms SET akey = 'legacy/' || id WHERE akey IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS alarms_key ON alarms (unit, akey);
+CREATE INDEX IF NOT EXISTS alarms_time ON alarms (unit, time);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY, username TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
+    created TEXT NOT NULL, expires TEXT, revoked TEXT);
 """
 _SCHEMA_LOCK = 0x6265647369646501  # an arbitrary advisory-lock key for schema creation
 
@@ -48,6 +58,8 @@ class PostgresStore(SqlStore):
 
     placeholder = "%s"
     _errors = (psycopg.Error,)
+    # READ COMMITTED transactions overlap: alarm writers of one unit queue on its row instead
+    _lock_unit = "SELECT id FROM units WHERE id = ? FOR UPDATE"
 
     def __init__(self, url: str, *, max_connections: int = 8, connect_timeout: int = 10) -> None:
         self.url = url

@@ -3,7 +3,8 @@
 Statements are written with ``?`` placeholders and rewritten to ``%s`` for psycopg. A subclass
 provides ``_tx()`` (a cursor inside one transaction, committed on success, rolled back on an
 exception) and ``_errors`` (its database library's base exception), and may override
-``_is_integrity_error``.
+``_is_integrity_error`` and ``_lock_unit`` (where transactions do not already exclude each
+other, a statement that locks a unit's row).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from controlsite.store import (
     EnrolmentError,
     HeadConflict,
     Latest,
+    NewAlarm,
     StoreError,
+    Token,
     Unit,
     check_unit_id,
 )
@@ -34,6 +37,12 @@ _UPSERT_LATEST = (
     "ON CONFLICT (unit, tag) DO UPDATE SET value = excluded.value, "
     "quality = excluded.quality, time = excluded.time, seq = excluded.seq"
 )
+_UPSERT_ALARM = (
+    "INSERT INTO alarms (unit, time, error, reason, seq, count, last_time, akey) "
+    "VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (unit, akey) DO UPDATE SET "
+    "count = alarms.count + 1, last_time = excluded.last_time"
+)
+_TOKEN_COLUMNS = "id, username, created, expires, revoked"
 
 
 class SqlStore:
@@ -42,6 +51,7 @@ class SqlStore:
     url: str
     placeholder = "?"
     _errors: tuple[type[Exception], ...] = ()
+    _lock_unit: str | None = None  # a statement locking a unit's row for the transaction
 
     def _tx(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
@@ -180,36 +190,77 @@ class SqlStore:
 
     # --- alarms ------------------------------------------------------------------------------
 
-    def add_alarm(self, unit: str, when: str, reason: str, seq: int | None) -> None:
-        with self._run("record a tamper alarm", unit) as cur:
+    def add_alarm(
+        self, alarm: NewAlarm, overflow: NewAlarm, *, window_start: str, limit: int
+    ) -> None:
+        with self._run("record a tamper alarm", alarm.unit) as cur:
+            if self._lock_unit is not None:
+                # one alarm writer per unit at a time, in every process: the window count
+                # below and the insert after it cannot interleave with another's
+                cur.execute(self._q(self._lock_unit), (alarm.unit,))
             cur.execute(
                 self._q(
-                    "SELECT id, reason, seq FROM alarms WHERE unit = ? ORDER BY id DESC LIMIT 1"
+                    "UPDATE alarms SET count = count + 1, last_time = ? WHERE unit = ? AND akey = ?"
                 ),
-                (unit,),
+                (alarm.time, alarm.unit, alarm.key),
             )
-            row = cur.fetchone()
-            if row is not None and row[1] == reason and row[2] == seq:
-                cur.execute(
-                    self._q("UPDATE alarms SET count = count + 1, last_time = ? WHERE id = ?"),
-                    (when, row[0]),
-                )
+            if cur.rowcount == 1:
                 return
             cur.execute(
-                self._q(
-                    "INSERT INTO alarms (unit, time, reason, seq, count, last_time) "
-                    "VALUES (?, ?, ?, ?, 1, ?)"
-                ),
-                (unit, when, reason, seq, when),
+                self._q("SELECT count(*) FROM alarms WHERE unit = ? AND time >= ? AND akey <> ?"),
+                (alarm.unit, window_start, overflow.key),
+            )
+            (seen,) = cur.fetchone()
+            new = alarm if int(seen) < limit else overflow
+            cur.execute(
+                self._q(_UPSERT_ALARM),
+                (new.unit, new.time, new.error, new.reason, new.seq, new.time, new.key),
             )
 
     def alarms(self, unit: str, limit: int = 100) -> list[Alarm]:
         with self._run("read tamper alarms", unit) as cur:
             cur.execute(
                 self._q(
-                    "SELECT unit, time, reason, seq, count, last_time FROM alarms "
-                    "WHERE unit = ? ORDER BY id DESC LIMIT ?"
+                    "SELECT unit, time, error, reason, seq, count, last_time FROM alarms "
+                    "WHERE unit = ? ORDER BY last_time DESC, id DESC LIMIT ?"
                 ),
                 (unit, limit),
             )
-            return [Alarm(u, t, r, s, int(c), lt) for u, t, r, s, c, lt in cur.fetchall()]
+            return [Alarm(u, t, e, r, s, int(c), lt) for u, t, e, r, s, c, lt in cur.fetchall()]
+
+    # --- tokens ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _token(row: Sequence[Any]) -> Token:
+        return Token(row[0], row[1], row[2], row[3], row[4])
+
+    def add_token(self, token: Token, digest: str) -> None:
+        with self._run("add a token") as cur:
+            cur.execute(
+                self._q(
+                    "INSERT INTO tokens (id, username, hash, created, expires, revoked) "
+                    "VALUES (?, ?, ?, ?, ?, ?)"
+                ),
+                (token.id, token.user, digest, token.created, token.expires, token.revoked),
+            )
+
+    def token_by_digest(self, digest: str) -> Token | None:
+        with self._run("look up a token") as cur:
+            cur.execute(self._q(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE hash = ?"), (digest,))
+            row = cur.fetchone()
+        return None if row is None else self._token(row)
+
+    def tokens(self) -> list[Token]:
+        with self._run("list tokens") as cur:
+            cur.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created, id")
+            return [self._token(row) for row in cur.fetchall()]
+
+    def revoke_token(self, token_id: str, when: str) -> Token | None:
+        with self._run("revoke a token") as cur:
+            cur.execute(
+                self._q("UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL"),
+                (when, token_id),
+            )
+            cur.execute(self._q(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = ?"), (token_id,))
+            row = cur.fetchone()
+        return None if row is None else self._token(row)

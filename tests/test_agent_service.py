@@ -38,7 +38,6 @@ from simulators.unit import SimEndpoints, SimulatedUnit
 from tests.conftest import free_port
 
 UNIT = "unit-sim-01"  # the id in agent/data/unit-sim.yaml
-TOKEN = "test-token"
 EMPTY_UNIT = "unit: {id: unit-t}\ndevices: {}\n"
 
 
@@ -161,11 +160,16 @@ async def test_agent_streams_survives_kill_9_and_stops_cleanly(
         "control-site", "enroll", UNIT, public_key, "--db", str(db), env=env
     )
     assert rc == 0, err
+    rc, out, err = await bedside(
+        "control-site", "token", "create", "--user", "qa", "--db", str(db), env=env
+    )
+    assert rc == 0, err
+    token = json.loads(out)["token"]
     store = open_store(str(db))
     try:
         async with (
-            ControlSiteServer(store, api_token=TOKEN, port=free_port()) as site,
-            httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as client,
+            ControlSiteServer(store, port=free_port()) as site,
+            httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as client,
         ):
             agent = Agent(env, state, free_port(), site.url)
             await agent.start()

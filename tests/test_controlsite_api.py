@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -16,22 +17,29 @@ from agent.records import format_time
 from agent.uplink import INGEST_PATH, build_request
 from agent.verify import ChainVerifier, verify_records
 from controlsite.enroll import enroll_unit
-from controlsite.service import ControlSiteServer, init_state, load_api_token
-from controlsite.store import ControlSiteError, open_store
+from controlsite.service import ControlSiteServer
+from controlsite.store import ControlSiteError, Store, open_store
+from controlsite.tokens import init_state, issue, load_api_token
 from tests.conftest import free_port
 from tests.test_ingest import T0, Chain, key, store_url  # noqa: F401  (fixtures)
 
-TOKEN = "test-token"
+NOW = datetime.now(UTC)
+
+
+def token_for(store: Store) -> str:
+    """A new query token of ``store`` (its secret)."""
+    return issue(store, "qa", now=NOW).secret
 
 
 @pytest.fixture
-async def site(store_url: str, key: UnitKey) -> AsyncIterator[str]:  # noqa: F811
-    """A control site with unit ``u1`` enrolled; yields its base URL."""
+async def site(store_url: str, key: UnitKey) -> AsyncIterator[tuple[str, str]]:  # noqa: F811
+    """A control site with unit ``u1`` enrolled; yields its base URL and a query token."""
     store = open_store(store_url)
     enroll_unit(store, "u1", key.public_key.b64)
+    token = token_for(store)
     try:
-        async with ControlSiteServer(store, api_token=TOKEN, port=free_port()) as server:
-            yield server.url
+        async with ControlSiteServer(store, port=free_port()) as server:
+            yield server.url, token
     finally:
         store.close()
 
@@ -44,13 +52,15 @@ async def post(
     return await client.post(url + INGEST_PATH, content=body, headers=headers)
 
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
-async def test_ingest_and_queries_over_http(site: str, key: UnitKey) -> None:  # noqa: F811
+async def test_ingest_and_queries_over_http(site: tuple[str, str], key: UnitKey) -> None:  # noqa: F811
     """A posted batch is acknowledged and the units, records, latest and alarms views show it."""
+    site, token = site
     chain = Chain("u1", key).samples({"temp": 37.2}).events(6)
-    async with httpx.AsyncClient(headers=AUTH) as client:
+    async with httpx.AsyncClient(headers=auth(token)) as client:
         response = await post(client, site, chain)
         assert response.status_code == 200
         assert response.json()["ack"] == len(chain.records) == 8
@@ -68,18 +78,20 @@ async def test_ingest_and_queries_over_http(site: str, key: UnitKey) -> None:  #
         assert missing.status_code == 404
 
 
-async def test_queries_need_the_api_token(site: str) -> None:
+async def test_queries_need_the_api_token(site: tuple[str, str]) -> None:
     """Queries without the bearer token, or with a wrong one, answer 401."""
+    site, _ = site
     async with httpx.AsyncClient() as client:
         assert (await client.get(f"{site}/api/v1/units")).status_code == 401
         wrong = {"Authorization": "Bearer nope"}
         assert (await client.get(f"{site}/api/v1/units", headers=wrong)).status_code == 401
 
 
-async def test_refusal_is_json_naming_the_record(site: str, key: UnitKey) -> None:  # noqa: F811
+async def test_refusal_is_json_naming_the_record(site: tuple[str, str], key: UnitKey) -> None:  # noqa: F811
     """A broken batch answers 422 with a JSON reason naming the record, and is alarmed."""
+    site, token = site
     chain = Chain("u1", key, every=0).events(6)
-    async with httpx.AsyncClient(headers=AUTH) as client:
+    async with httpx.AsyncClient(headers=auth(token)) as client:
         response = await post(client, site, chain, chain.records[:2] + chain.records[3:])
         assert response.status_code == 422
         answer = response.json()
@@ -89,9 +101,10 @@ async def test_refusal_is_json_naming_the_record(site: str, key: UnitKey) -> Non
         assert [a["seq"] for a in alarms] == [3]
 
 
-async def test_malformed_requests_are_refused(site: str, key: UnitKey) -> None:  # noqa: F811
+async def test_malformed_requests_are_refused(site: tuple[str, str], key: UnitKey) -> None:  # noqa: F811
     """Missing headers answer 400; a body that is not deflate answers 400; no record is stored."""
-    async with httpx.AsyncClient(headers=AUTH) as client:
+    site, token = site
+    async with httpx.AsyncClient(headers=auth(token)) as client:
         bare = await client.post(site + INGEST_PATH, content=b"x")
         assert bare.status_code == 400 and "bedside-unit" in bare.json()["reason"]
         chain = Chain("u1", key).events(2)
@@ -130,8 +143,8 @@ async def test_concurrent_ingests_on_postgres_keep_order(pg_url: str, key: UnitK
 
     try:
         async with (
-            ControlSiteServer(stores[0], api_token=TOKEN, port=free_port()) as one,
-            ControlSiteServer(stores[1], api_token=TOKEN, port=free_port()) as two,
+            ControlSiteServer(stores[0], port=free_port()) as one,
+            ControlSiteServer(stores[1], port=free_port()) as two,
             httpx.AsyncClient(timeout=30) as client,
             asyncio.TaskGroup() as tg,
         ):
@@ -151,15 +164,31 @@ async def test_concurrent_ingests_on_postgres_keep_order(pg_url: str, key: UnitK
             s.close()
 
 
-def test_api_token_is_private_and_loaded(tmp_path: Path) -> None:
-    """init_state writes a random token readable by its owner only; load_api_token reads it."""
-    token = init_state(tmp_path / "cs")
-    assert len(token) >= 32
-    path = tmp_path / "cs" / "api-token"
-    assert os.stat(path).st_mode & 0o777 == 0o600
-    assert load_api_token(tmp_path / "cs") == token
-    with pytest.raises(ControlSiteError, match="already exists"):
-        init_state(tmp_path / "cs")
-    os.chmod(path, 0o644)
-    with pytest.raises(ControlSiteError, match="chmod 600"):
-        load_api_token(tmp_path / "cs")
+def test_init_writes_a_private_admin_token(tmp_path: Path, store_url: str) -> None:  # noqa: F811
+    """init_state issues an admin token into a 0600 file of a 0700 folder; it authenticates;
+    a second init needs force, which revokes the old token; a readable file is refused."""
+    from controlsite.tokens import authenticate
+
+    store = open_store(store_url)
+    try:
+        token = init_state(tmp_path / "cs", store, now=NOW)
+        path = tmp_path / "cs" / "api-token"
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        assert os.stat(tmp_path / "cs").st_mode & 0o777 == 0o700
+        secret = load_api_token(tmp_path / "cs")
+        assert len(secret) >= 40 and token.user == "admin"
+        assert authenticate(store, secret, NOW) == token
+        with pytest.raises(ControlSiteError, match="already exists"):
+            init_state(tmp_path / "cs", store, now=NOW)
+        renewed = init_state(tmp_path / "cs", store, now=NOW, force=True)
+        assert authenticate(store, secret, NOW) is None  # the replaced token is revoked
+        assert authenticate(store, load_api_token(tmp_path / "cs"), NOW) == renewed
+        os.chmod(path, 0o644)
+        with pytest.raises(ControlSiteError, match="chmod 600"):
+            load_api_token(tmp_path / "cs")
+        exposed = path.read_text().strip()
+        init_state(tmp_path / "cs", store, now=NOW, force=True)  # replacing an exposed file
+        assert authenticate(store, exposed, NOW) is None
+        assert os.stat(path).st_mode & 0o777 == 0o600
+    finally:
+        store.close()

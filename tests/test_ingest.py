@@ -273,12 +273,15 @@ def test_checkpoint_signed_by_another_key_is_refused(
     assert store.alarms("u1")[0].seq == 5
 
 
-def test_unknown_unit_is_refused_and_alarmed(site: Ingestor, store: Store, key: UnitKey) -> None:
-    """A unit that is not enrolled is refused (401) and leaves an alarm under its id."""
+def test_unknown_unit_is_refused_without_an_alarm(
+    site: Ingestor, store: Store, key: UnitKey
+) -> None:
+    """A unit that is not enrolled is refused (401) and leaves no alarm: strangers write nothing."""
     records = Chain("stranger", key).events(2).records
     exc = refusal(site, request(records, "stranger", key))
     assert (exc.status, exc.error) == (401, "unknown_unit")
-    assert "not enrolled" in store.alarms("stranger")[0].reason
+    assert "not enrolled" in str(exc)
+    assert store.alarms("stranger") == []
 
 
 def test_bad_request_signature_is_refused(site: Ingestor, store: Store, key: UnitKey) -> None:
@@ -290,6 +293,7 @@ def test_bad_request_signature_is_refused(site: Ingestor, store: Store, key: Uni
     tampered = IngestRequest(**{**vars_of(good), "nonce": "0" * 32})
     assert refusal(site, tampered).error == "bad_signature"
     assert stored(store) == []
+    assert store.alarms("u1") == []  # nobody who lacks the key can raise an alarm for u1
 
 
 def test_repeated_refusal_counts_one_alarm(site: Ingestor, store: Store, key: UnitKey) -> None:
