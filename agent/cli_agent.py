@@ -57,7 +57,8 @@ def keys_rotate(
     reason: str = typer.Option("key rotation", "--reason", help="why (signed into the journal)"),
 ) -> None:
     """Replace the unit key of the stopped agent without breaking its chain: the journal records
-    a rotation signed by the old and the new key (the control site follows it)."""
+    a rotation signed by the old and the new key. The control site does not follow it yet: its
+    enrolment must be updated before the uplink is accepted again."""
     from agent.key_rotation import rotate_unit_key
     from agent.records import JournalError
 

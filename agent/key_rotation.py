@@ -9,8 +9,10 @@ The agent must be stopped (the journal's lock says so). The steps, each safe to 
 
 Interrupted after step 2, the agent refuses to start (its key no longer holds the chain); running
 the command again finds the journal already handed to ``unit.key.next`` and finishes step 3.
-The control site learns the new key from the rotation record itself (it is signed by the key
-enrolled there), so no new enrolment is needed.
+Not yet done: the control site does not follow a rotation by itself (its ingest checks request
+and checkpoint signatures against the key enrolled there), so a rotated unit's uplink is refused
+until the control site's enrolment is updated; rotation today serves offline verification and
+the unit's own start-up.
 """
 
 from __future__ import annotations
