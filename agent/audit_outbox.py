@@ -3,9 +3,11 @@
 The ``bedside users`` CLI changes accounts while the agent may be running and holding the
 journal's lock, so it cannot journal its audit records itself. It appends them, one JSON line
 each, to ``users-audit.jsonl`` in the state folder (0600, fsynced, under an advisory lock); the
-agent journals them in order and empties the file with ``drain`` (at start-up, and whenever it
-likes). Every body carries its own ``time``, so the record says when the change happened even
-though it is journaled later.
+agent journals them in order and empties the file with ``drain`` (at start-up, then every
+couple of seconds while it runs, so a refused sign-in at the CLI reaches the journal at once).
+Every body carries its own ``time``, so the record says when the change happened even though
+it is journaled later. ``bedside recipe install`` leaves its ``recipe_installed`` record here
+too.
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ class AuditOutbox:
         """Hand every waiting record to ``sink`` (an async ``(kind, body)`` callable such as
         ``journal.append``) in order, then empty the outbox; returns how many. If the sink
         fails, the records not yet handed over stay for the next drain."""
-        if not self.path.exists():
+        try:
+            if self.path.stat().st_size == 0:  # the usual case while polling: no lock taken
+                return 0
+        except FileNotFoundError:
             return 0
         with self._locked() as fd:
             items = self._read(fd)

@@ -62,6 +62,8 @@ from agent.users import (
     UserError,
     UserStore,
     check_password_rules,
+    escaped_name,
+    is_name,
     new_user,
     normalise_name,
     with_password,
@@ -170,6 +172,16 @@ class Authenticator:
         return sig
 
     async def _check(self, name: str, password: str, *, purpose: str) -> User:
+        if not is_name(name):
+            # no account can have this name: fail like a wrong password (same cost), audit it
+            # shortened and escaped (it is attacker-chosen), and remember nothing of it
+            await self._dummy_check(password)
+            shown = escaped_name(name)
+            log.warning("login_failed", user=shown, purpose=purpose, reason="malformed name")
+            await self._audit(
+                "login_failed", who=shown, purpose=purpose, known_user=False, reason="not a name"
+            )
+            raise AuthenticationFailed(WRONG)
         key = name.strip().lower()
         now = self._clock.now()
         user = self.store.get(key)
@@ -211,9 +223,7 @@ class Authenticator:
         if until is not None and now < until:
             await self._audit("login_refused", who=key, purpose=purpose, reason="locked")
             raise AuthenticationFailed(_locked_message(key, until))
-        if self._dummy_hash is None:
-            self._dummy_hash = await asyncio.to_thread(self.store.hash_password, "no such user 0")
-        await asyncio.to_thread(self.store.hash_matches, self._dummy_hash, password)  # same cost
+        await self._dummy_check(password)
         count = (0 if until is not None else count) + 1
         until = now + self._lockout if count >= self._max_failures else None
         self._ghosts.pop(key, None)
@@ -222,6 +232,12 @@ class Authenticator:
             del self._ghosts[next(iter(self._ghosts))]
         await self._after_failure(key, count, until, purpose, known=False)
         raise AuthenticationFailed(WRONG)
+
+    async def _dummy_check(self, password: str) -> None:
+        """Spend what checking a real password costs, so failures all take as long."""
+        if self._dummy_hash is None:
+            self._dummy_hash = await asyncio.to_thread(self.store.hash_password, "no such user 0")
+        await asyncio.to_thread(self.store.hash_matches, self._dummy_hash, password)
 
     async def _after_failure(
         self, name: str, count: int, until: datetime | None, purpose: str, *, known: bool = True

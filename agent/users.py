@@ -133,6 +133,18 @@ def normalise_name(name: str) -> str:
     return clean
 
 
+def is_name(name: str) -> bool:
+    """Whether ``name`` (trimmed, any case) could be a login id at all."""
+    return len(name) <= 64 and bool(_NAME_RE.match(name.strip().lower()))
+
+
+def escaped_name(name: str, limit: int = 32) -> str:
+    """An attacker-chosen name as safe to journal and print: at most ``limit`` characters,
+    anything but printable ASCII escaped (``\\x00``, ``\\u202e``), and how much was cut."""
+    cut = name[:limit].encode("unicode_escape").decode("ascii")
+    return cut + (f"...(+{len(name) - limit} chars)" if len(name) > limit else "")
+
+
 def password_problems(password: str, *, name: str) -> list[str]:
     """Every password rule ``password`` breaks (see the module docstring); empty when fine."""
     problems = []
