@@ -186,7 +186,7 @@ def create_api(
             authorize(who, action)
         except NotAuthorized as exc:
             error = str(exc)
-            raise await refuse(request, 403, error, who.name, action=str(action), **what) from None
+            raise await refuse(request, 403, error, who.name, needs=str(action), **what) from None
 
     async def user(request: Request, action: Action) -> User:
         who = await identify(request)
