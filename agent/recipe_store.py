@@ -19,7 +19,6 @@ told otherwise (``bedside agent run --recipes DIR``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -151,8 +150,14 @@ class RecipeStore:
             raise RecipeStoreError(
                 f"cannot create the recipe store {self.root}: {exc.strerror}"
             ) from None
-        with contextlib.suppress(RecipeNotFound):
+        try:
             current = self.read(key)
+        except RecipeNotFound:
+            pass
+        except RecipeStoreError as exc:  # a planted symlink, a folder: replaced only if asked
+            if not replace:
+                raise RecipeStoreError(f"{exc}; give --replace to overwrite it") from None
+        else:
             if current.data == data:
                 return current
             if not replace:

@@ -7,6 +7,7 @@ System test: the simulated unit at accelerated time in this process, the real ag
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from agent.cli import app
 from agent.records import Kind
 from drivers.clock import ScaledClock
 from simulators.unit import SimEndpoints, SimulatedUnit
@@ -202,6 +205,35 @@ async def test_commands_are_authorised_per_role_and_refusals_journaled(agent: Ag
     assert any(
         a.get("action") == "command_refused" and a.get("command") == "resume" for a in audits
     )
+
+
+async def test_patient_identifiers_are_shown_only_to_signed_in_users(agent: Agent) -> None:
+    """Anonymous ``GET /api/v1/run`` and ``/status`` carry no COI or donation id (parameters are
+    redacted); a user with run.view sees them; wrong credentials are 401, an admin (no
+    run.view) 403; ``bedside run status`` works both ways."""
+    await start(agent)
+    async with client(agent) as anonymous, client(agent, "alice") as alice:
+        view = (await anonymous.get("/api/v1/run")).json()
+        status = (await anonymous.get("/api/v1/status")).text
+        signed_in = (await alice.get("/api/v1/run")).json()
+        wrong = await anonymous.get("/api/v1/run", auth=("alice", "wrong-password-1"))
+        admin = await anonymous.get("/api/v1/run", auth=("admin", PASSWORDS["admin"]))
+    assert view["state"] and view["redacted"] == ["params"]
+    assert set(view["params"]) >= set(PARAMS)
+    text = json.dumps(view) + status
+    assert PARAMS["coi_id"] not in text and PARAMS["donation_id"] not in text
+    assert signed_in["params"]["coi_id"] == PARAMS["coi_id"] and "redacted" not in signed_in
+    assert wrong.status_code == 401 and admin.status_code == 403
+    runner, url = CliRunner(), f"http://127.0.0.1:{agent.port}"
+    plain = await asyncio.to_thread(runner.invoke, app, ["run", "status", "--api", url])
+    assert plain.exit_code == 0 and PARAMS["coi_id"] not in plain.stdout
+    full = await asyncio.to_thread(
+        runner.invoke,
+        app,
+        ["run", "status", "--api", url, "--user", "alice"],
+        env={"BEDSIDE_PASSWORD": PASSWORDS["alice"]},
+    )
+    assert full.exit_code == 0 and json.loads(full.stdout)["params"]["coi_id"] == PARAMS["coi_id"]
 
 
 async def _state_is(service: Agent, state: str) -> bool:
