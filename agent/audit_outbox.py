@@ -62,7 +62,7 @@ class AuditOutbox:
         except FileNotFoundError:
             return 0
         with self._locked() as fd:
-            items = self._read(fd)
+            items = self._read(fd, lenient=True)
             done = 0
             try:
                 for kind, body in items:
@@ -94,7 +94,10 @@ class AuditOutbox:
         finally:
             os.close(fd)
 
-    def _read(self, fd: int) -> list[tuple[str, dict[str, Any]]]:
+    def _read(self, fd: int, *, lenient: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        """The records in the file; a line that is not one raises, or with ``lenient`` (when
+        draining: one bad line must not block the rest, nor the agent's start) becomes an
+        ``audit_outbox_unreadable`` record naming its line and size, never its content."""
         os.lseek(fd, 0, os.SEEK_SET)
         chunks = []
         while chunk := os.read(fd, 1 << 16):
@@ -105,5 +108,11 @@ class AuditOutbox:
                 item = json.loads(line)
                 items.append((str(item["kind"]), dict(item["body"])))
             except (ValueError, KeyError, TypeError) as exc:
-                raise UserStoreError(f"{self.path}:{number} is not an audit record: {exc}") from exc
+                if not lenient:
+                    raise UserStoreError(
+                        f"{self.path}:{number} is not an audit record: {exc}"
+                    ) from exc
+                log.error("audit_outbox_line_unreadable", path=str(self.path), line=number)
+                bad = {"action": "audit_outbox_unreadable", "line": number, "bytes": len(line)}
+                items.append(("audit", bad))
         return items

@@ -55,6 +55,8 @@ from agent.signatures import (
     verify_binding,
 )
 from agent.users import (
+    MAX_FULL_NAME,
+    MAX_WHY,
     AuthenticationFailed,
     AuthError,
     PasswordRejected,
@@ -62,6 +64,7 @@ from agent.users import (
     UserError,
     UserStore,
     check_password_rules,
+    check_text,
     escaped_name,
     is_name,
     new_user,
@@ -284,6 +287,8 @@ class Authenticator:
         first admin of a store without an enabled admin (bootstrap, audited as such)."""
         key = normalise_name(name)
         wanted = check_roles(roles)
+        _check_why(why)
+        check_text(full_name, "the full name", MAX_FULL_NAME)
         if by is None:
             if _admins(self.store.all()):
                 raise UserError("an administrator must sign in to add users (--as ADMIN)")
@@ -320,6 +325,7 @@ class Authenticator:
     ) -> User:
         """Set a new password: one's own (``by`` just authenticated) or anyone's by an admin."""
         key = normalise_name(name)
+        _check_why(why)
         by = self._acting(by, None if key == by.name else Action.USERS_MANAGE)
         check_password_rules(password, name=key)
         current = self.store.get(key)
@@ -335,6 +341,7 @@ class Authenticator:
 
     async def _change(self, by: User, name: str, action: str, why: str | None, **new: Any) -> User:
         key = normalise_name(name)
+        _check_why(why)
         by = self._acting(by, Action.USERS_MANAGE)
         old: dict[str, Any] = {}
 
@@ -370,6 +377,11 @@ class Authenticator:
 
     async def _audit(self, action: str, **body: Any) -> None:
         await self._sink(Kind.AUDIT, {"action": action, "time": self._now(), **body})
+
+
+def _check_why(why: str | None) -> None:
+    if why is not None:
+        check_text(why, "the reason (--why)", MAX_WHY)
 
 
 def _locked_message(name: str, until: datetime | None) -> str:

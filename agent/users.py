@@ -33,6 +33,7 @@ import fcntl
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -143,6 +144,24 @@ def escaped_name(name: str, limit: int = 32) -> str:
     anything but printable ASCII escaped (``\\x00``, ``\\u202e``), and how much was cut."""
     cut = name[:limit].encode("unicode_escape").decode("ascii")
     return cut + (f"...(+{len(name) - limit} chars)" if len(name) > limit else "")
+
+
+MAX_FULL_NAME = 100
+MAX_WHY = 500
+
+
+def check_text(value: str, what: str, limit: int) -> str:
+    """``value`` if it is at most ``limit`` characters of plain text (no control, format or
+    surrogate characters): it is printed on signatures and kept in the journal."""
+    if len(value) > limit:
+        raise UserError(f"{what} has {len(value)} characters; at most {limit}")
+    for index, char in enumerate(value):
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            raise UserError(
+                f"{what}: character {index + 1} is U+{ord(char):04X}, a control or invisible "
+                "character; give plain text"
+            )
+    return value
 
 
 def password_problems(password: str, *, name: str) -> list[str]:
@@ -369,6 +388,7 @@ def new_user(
     """A fresh, enabled account (the caller has checked the name, roles and password)."""
     if not full_name.strip():
         raise UserError(f"user {name!r} needs a full name: it is printed on signatures")
+    check_text(full_name, "the full name", MAX_FULL_NAME)
     return User(
         name=name,
         full_name=full_name.strip(),
