@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import unicodedata
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic.functional_validators import AfterValidator, PlainValidator
 
 from agent.recipe_store import RecipeNameInvalid, check_name, shown
+from agent.safe_text import plain_text_problem
 
 MAX_BODY = 64 * 1024
 MAX_DEPTH = 8
@@ -37,7 +37,6 @@ MAX_ITEMS = 64
 MAX_PASSWORD = 1024
 _ID = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 _USER = r"^[A-Za-z][A-Za-z0-9._-]{1,31}$"
-_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
 COMMANDS = ("hold", "restart", "pause", "resume", "stop", "abort", "reset")
 
 
@@ -52,12 +51,9 @@ class BodyInvalid(Exception):
 
 def clean_text(value: str) -> str:
     """``value`` if it holds no control, format, surrogate or unassigned character."""
-    for index, char in enumerate(value):
-        if unicodedata.category(char) in _BAD_CATEGORIES:
-            raise ValueError(
-                f"character {index + 1} is U+{ord(char):04X}, a control or invisible "
-                "character; give plain text"
-            )
+    problem = plain_text_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 

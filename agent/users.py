@@ -33,7 +33,6 @@ import fcntl
 import json
 import os
 import re
-import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -45,6 +44,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from agent.records import RecordFormatError, format_time, parse_time
+from agent.safe_text import escaped, plain_text_problem
 
 log = structlog.get_logger(__name__)
 
@@ -140,10 +140,8 @@ def is_name(name: str) -> bool:
 
 
 def escaped_name(name: str, limit: int = 32) -> str:
-    """An attacker-chosen name as safe to journal and print: at most ``limit`` characters,
-    anything but printable ASCII escaped (``\\x00``, ``\\u202e``), and how much was cut."""
-    cut = name[:limit].encode("unicode_escape").decode("ascii")
-    return cut + (f"...(+{len(name) - limit} chars)" if len(name) > limit else "")
+    """An attacker-chosen name as safe to journal and print (``agent.safe_text.escaped``)."""
+    return escaped(name, limit)
 
 
 MAX_FULL_NAME = 100
@@ -155,12 +153,9 @@ def check_text(value: str, what: str, limit: int) -> str:
     surrogate characters): it is printed on signatures and kept in the journal."""
     if len(value) > limit:
         raise UserError(f"{what} has {len(value)} characters; at most {limit}")
-    for index, char in enumerate(value):
-        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn"):
-            raise UserError(
-                f"{what}: character {index + 1} is U+{ord(char):04X}, a control or invisible "
-                "character; give plain text"
-            )
+    problem = plain_text_problem(value)
+    if problem:
+        raise UserError(f"{what}: {problem}")
     return value
 
 
