@@ -390,6 +390,25 @@ def test_a_body_larger_than_the_limit_is_413(agent: Agent) -> None:
     assert data["problems"][0].startswith("body:")
 
 
+def test_a_chunked_body_without_a_length_is_cut_at_the_limit(agent: Agent) -> None:
+    """A body streamed in chunks (no Content-Length) is refused with 413 once past the limit."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"recipe": "tcell-selection-wash", "why": "'
+        for _ in range(40):
+            yield b"c" * 4096
+        yield b'"}'
+
+    r = httpx.post(
+        f"{agent.url}/api/v1/run/start",
+        content=chunks(),
+        auth=("alice", PASSWORDS["alice"]),
+        timeout=30,
+    )
+    assert "content-length" not in r.request.headers
+    assert _refused_cleanly(r, agent, {413})["problems"][0].startswith("body:")
+
+
 # --- authorisation before parsing; refusals journaled -----------------------------------------
 
 
