@@ -1,7 +1,8 @@
 """The unit's recipe store: names only, nothing outside it read, installs validated and atomic.
 
 Real files and folders in a temporary directory; ``bedside recipe install|installed`` and
-``bedside run start`` through typer's CliRunner.
+``bedside run start`` through typer's CliRunner (their sub-apps, so that the root's logging
+set-up does not bind structlog to the runner's short-lived streams).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
+from agent import cli
+from agent.cli_recipe import app as recipe_app
+from agent.cli_run import run_app
 from agent.recipe_store import (
     MAX_BYTES,
     RecipeNameInvalid,
@@ -23,6 +26,7 @@ from agent.recipe_store import (
     RecipeStoreError,
 )
 
+assert cli.app  # importing the root registers the store commands on `bedside recipe`
 RECIPES = Path(__file__).parent.parent / "recipes"
 TCELL = RECIPES / "tcell-selection-wash.yaml"
 SECRET = "SECRET-CONTENT-91c2"
@@ -169,11 +173,11 @@ def test_recipe_install_validates_then_installs_and_leaves_an_audit_record(
     from agent.audit_outbox import AuditOutbox
 
     state = tmp_path / "unit"
-    r = CliRunner().invoke(app, ["recipe", "install", str(TCELL), "--state-dir", str(state)])
+    r = CliRunner().invoke(recipe_app, ["install", str(TCELL), "--state-dir", str(state)])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["name"] == "tcell-selection-wash" and summary["version"] == 1
-    listed = CliRunner().invoke(app, ["recipe", "installed", "--state-dir", str(state)])
+    listed = CliRunner().invoke(recipe_app, ["installed", "--state-dir", str(state)])
     assert json.loads(listed.stdout) == [{"name": summary["name"], "sha256": summary["sha256"]}]
     (kind, body), *_ = AuditOutbox.in_dir(state).pending()
     assert kind == "audit" and body["action"] == "recipe_installed"
@@ -185,7 +189,7 @@ def test_recipe_install_refuses_an_invalid_recipe_and_installs_nothing(tmp_path:
     bad = tmp_path / "bad.yaml"
     bad.write_text(TCELL.read_text().replace("version: 1", "version: 1\ncolour: red"))
     state = tmp_path / "unit"
-    r = CliRunner().invoke(app, ["recipe", "install", str(bad), "--state-dir", str(state)])
+    r = CliRunner().invoke(recipe_app, ["install", str(bad), "--state-dir", str(state)])
     assert r.exit_code == 2 and "bad.yaml:" in r.stderr and "Traceback" not in r.output
     assert RecipeStore.in_dir(state).names() == []
 
@@ -194,7 +198,7 @@ def test_recipe_install_refuses_a_name_that_is_a_path(tmp_path: Path) -> None:
     """``--name ../x`` is refused by the name rule; nothing is written outside the store."""
     state = tmp_path / "unit"
     r = CliRunner().invoke(
-        app, ["recipe", "install", str(TCELL), "--state-dir", str(state), "--name", "../x"]
+        recipe_app, ["install", str(TCELL), "--state-dir", str(state), "--name", "../x"]
     )
     assert r.exit_code == 2 and "never by a path" in r.stderr
     assert not (tmp_path / "x.yaml").exists() and not (state / "x.yaml").exists()
@@ -204,6 +208,6 @@ def test_run_start_takes_a_name_not_a_file(tmp_path: Path) -> None:
     """``bedside run start recipes/x.yaml`` is refused before any request, with the way to
     install the file instead."""
     r = CliRunner().invoke(
-        app, ["run", "start", str(TCELL), "--user", "alice", "--api", "http://127.0.0.1:9"]
+        run_app, ["start", str(TCELL), "--user", "alice", "--api", "http://127.0.0.1:9"]
     )
     assert r.exit_code == 2 and "bedside recipe install" in r.stderr

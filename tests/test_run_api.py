@@ -18,7 +18,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
+from agent.cli_run import run_app
 from agent.records import Kind
 from drivers.clock import ScaledClock
 from simulators.unit import SimEndpoints, SimulatedUnit
@@ -225,12 +225,12 @@ async def test_patient_identifiers_are_shown_only_to_signed_in_users(agent: Agen
     assert signed_in["params"]["coi_id"] == PARAMS["coi_id"] and "redacted" not in signed_in
     assert wrong.status_code == 401 and admin.status_code == 403
     runner, url = CliRunner(), f"http://127.0.0.1:{agent.port}"
-    plain = await asyncio.to_thread(runner.invoke, app, ["run", "status", "--api", url])
+    plain = await asyncio.to_thread(runner.invoke, run_app, ["status", "--api", url])
     assert plain.exit_code == 0 and PARAMS["coi_id"] not in plain.stdout
     full = await asyncio.to_thread(
         runner.invoke,
-        app,
-        ["run", "status", "--api", url, "--user", "alice"],
+        run_app,
+        ["status", "--api", url, "--user", "alice"],
         env={"BEDSIDE_PASSWORD": PASSWORDS["alice"]},
     )
     assert full.exit_code == 0 and json.loads(full.stdout)["params"]["coi_id"] == PARAMS["coi_id"]
