@@ -3,9 +3,11 @@
 The ``bedside users`` CLI changes accounts while the agent may be running and holding the
 journal's lock, so it cannot journal its audit records itself. It appends them, one JSON line
 each, to ``users-audit.jsonl`` in the state folder (0600, fsynced, under an advisory lock); the
-agent journals them in order and empties the file with ``drain`` (at start-up, and whenever it
-likes). Every body carries its own ``time``, so the record says when the change happened even
-though it is journaled later.
+agent journals them in order and empties the file with ``drain`` (at start-up, then every
+couple of seconds while it runs, so a refused sign-in at the CLI reaches the journal at once).
+Every body carries its own ``time``, so the record says when the change happened even though
+it is journaled later. ``bedside recipe install`` leaves its ``recipe_installed`` record here
+too.
 """
 
 from __future__ import annotations
@@ -54,10 +56,13 @@ class AuditOutbox:
         """Hand every waiting record to ``sink`` (an async ``(kind, body)`` callable such as
         ``journal.append``) in order, then empty the outbox; returns how many. If the sink
         fails, the records not yet handed over stay for the next drain."""
-        if not self.path.exists():
+        try:
+            if self.path.stat().st_size == 0:  # the usual case while polling: no lock taken
+                return 0
+        except FileNotFoundError:
             return 0
         with self._locked() as fd:
-            items = self._read(fd)
+            items = self._read(fd, lenient=True)
             done = 0
             try:
                 for kind, body in items:
@@ -89,7 +94,10 @@ class AuditOutbox:
         finally:
             os.close(fd)
 
-    def _read(self, fd: int) -> list[tuple[str, dict[str, Any]]]:
+    def _read(self, fd: int, *, lenient: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        """The records in the file; a line that is not one raises, or with ``lenient`` (when
+        draining: one bad line must not block the rest, nor the agent's start) becomes an
+        ``audit_outbox_unreadable`` record naming its line and size, never its content."""
         os.lseek(fd, 0, os.SEEK_SET)
         chunks = []
         while chunk := os.read(fd, 1 << 16):
@@ -100,5 +108,11 @@ class AuditOutbox:
                 item = json.loads(line)
                 items.append((str(item["kind"]), dict(item["body"])))
             except (ValueError, KeyError, TypeError) as exc:
-                raise UserStoreError(f"{self.path}:{number} is not an audit record: {exc}") from exc
+                if not lenient:
+                    raise UserStoreError(
+                        f"{self.path}:{number} is not an audit record: {exc}"
+                    ) from exc
+                log.error("audit_outbox_line_unreadable", path=str(self.path), line=number)
+                bad = {"action": "audit_outbox_unreadable", "line": number, "bytes": len(line)}
+                items.append(("audit", bad))
         return items

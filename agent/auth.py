@@ -55,6 +55,8 @@ from agent.signatures import (
     verify_binding,
 )
 from agent.users import (
+    MAX_FULL_NAME,
+    MAX_WHY,
     AuthenticationFailed,
     AuthError,
     PasswordRejected,
@@ -62,6 +64,9 @@ from agent.users import (
     UserError,
     UserStore,
     check_password_rules,
+    check_text,
+    escaped_name,
+    is_name,
     new_user,
     normalise_name,
     with_password,
@@ -170,6 +175,16 @@ class Authenticator:
         return sig
 
     async def _check(self, name: str, password: str, *, purpose: str) -> User:
+        if not is_name(name):
+            # no account can have this name: fail like a wrong password (same cost), audit it
+            # shortened and escaped (it is attacker-chosen), and remember nothing of it
+            await self._dummy_check(password)
+            shown = escaped_name(name)
+            log.warning("login_failed", user=shown, purpose=purpose, reason="malformed name")
+            await self._audit(
+                "login_failed", who=shown, purpose=purpose, known_user=False, reason="not a name"
+            )
+            raise AuthenticationFailed(WRONG)
         key = name.strip().lower()
         now = self._clock.now()
         user = self.store.get(key)
@@ -211,9 +226,7 @@ class Authenticator:
         if until is not None and now < until:
             await self._audit("login_refused", who=key, purpose=purpose, reason="locked")
             raise AuthenticationFailed(_locked_message(key, until))
-        if self._dummy_hash is None:
-            self._dummy_hash = await asyncio.to_thread(self.store.hash_password, "no such user 0")
-        await asyncio.to_thread(self.store.hash_matches, self._dummy_hash, password)  # same cost
+        await self._dummy_check(password)
         count = (0 if until is not None else count) + 1
         until = now + self._lockout if count >= self._max_failures else None
         self._ghosts.pop(key, None)
@@ -222,6 +235,12 @@ class Authenticator:
             del self._ghosts[next(iter(self._ghosts))]
         await self._after_failure(key, count, until, purpose, known=False)
         raise AuthenticationFailed(WRONG)
+
+    async def _dummy_check(self, password: str) -> None:
+        """Spend what checking a real password costs, so failures all take as long."""
+        if self._dummy_hash is None:
+            self._dummy_hash = await asyncio.to_thread(self.store.hash_password, "no such user 0")
+        await asyncio.to_thread(self.store.hash_matches, self._dummy_hash, password)
 
     async def _after_failure(
         self, name: str, count: int, until: datetime | None, purpose: str, *, known: bool = True
@@ -268,6 +287,8 @@ class Authenticator:
         first admin of a store without an enabled admin (bootstrap, audited as such)."""
         key = normalise_name(name)
         wanted = check_roles(roles)
+        _check_why(why)
+        check_text(full_name, "the full name", MAX_FULL_NAME)
         if by is None:
             if _admins(self.store.all()):
                 raise UserError("an administrator must sign in to add users (--as ADMIN)")
@@ -304,6 +325,7 @@ class Authenticator:
     ) -> User:
         """Set a new password: one's own (``by`` just authenticated) or anyone's by an admin."""
         key = normalise_name(name)
+        _check_why(why)
         by = self._acting(by, None if key == by.name else Action.USERS_MANAGE)
         check_password_rules(password, name=key)
         current = self.store.get(key)
@@ -319,6 +341,7 @@ class Authenticator:
 
     async def _change(self, by: User, name: str, action: str, why: str | None, **new: Any) -> User:
         key = normalise_name(name)
+        _check_why(why)
         by = self._acting(by, Action.USERS_MANAGE)
         old: dict[str, Any] = {}
 
@@ -354,6 +377,11 @@ class Authenticator:
 
     async def _audit(self, action: str, **body: Any) -> None:
         await self._sink(Kind.AUDIT, {"action": action, "time": self._now(), **body})
+
+
+def _check_why(why: str | None) -> None:
+    if why is not None:
+        check_text(why, "the reason (--why)", MAX_WHY)
 
 
 def _locked_message(name: str, until: datetime | None) -> str:

@@ -40,6 +40,7 @@ def _register() -> None:
         cli_devices,
         cli_journal,
         cli_recipe,
+        cli_recipe_store,
         cli_run,
         cli_sim,
         cli_users,
@@ -52,6 +53,8 @@ def _register() -> None:
     app.add_typer(cli_agent.keys_app, name="keys")
     app.add_typer(cli_users.app, name="users")
     cli_recipe.app.command("simulate", help=cli_run.simulate.__doc__)(cli_run.simulate)
+    for store_command in (cli_recipe_store.install, cli_recipe_store.installed):
+        cli_recipe.app.command(help=store_command.__doc__)(store_command)
     app.add_typer(cli_recipe.app, name="recipe")
     app.add_typer(cli_run.run_app, name="run")
     app.add_typer(cli_run.alarms_app, name="alarms")

@@ -100,6 +100,9 @@ def agent_run(
     low_disk_mib: float = typer.Option(
         256.0, "--low-disk-mib", help="raise the low_disk alarm below this much free space"
     ),
+    recipes: Path = typer.Option(
+        None, "--recipes", help="the recipe store runs start from (default: STATE_DIR/recipes)"
+    ),
 ) -> None:
     """Run the agent: record every configured tag into the journal and forward it.
     SIGTERM or Ctrl-C stops it cleanly (journal flushed, signed and closed; exit 0)."""
@@ -131,6 +134,7 @@ def agent_run(
             api_port=api_port,
             retention_seconds=retention_days * 86400.0,
             low_disk_bytes=int(low_disk_mib * 2**20),
+            recipes_dir=recipes,
         ),
     )
     try:

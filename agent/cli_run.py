@@ -1,8 +1,12 @@
-"""``bedside run``, ``bedside alarms`` and ``bedside recipe simulate``.
+"""``bedside run``, ``bedside alarms`` and ``bedside recipe simulate|install|installed``.
 
 Run and alarm commands act on the running agent through its local API, as an authenticated
 user: ``--user`` (or ``BEDSIDE_USER``) and the password from ``BEDSIDE_PASSWORD`` or asked for.
-A signer's password is asked for each signature (or ``BEDSIDE_PASSWORD_<USER>``).
+A signer's password is asked for each signature (or ``BEDSIDE_PASSWORD_<USER>``). A run starts
+from a recipe installed in the unit's recipe store, by name (``bedside run start NAME``); an
+engineer installs recipe files there with ``bedside recipe install FILE``, which validates
+them against the unit first. ``bedside run status`` shows the run parameters (patient
+identifiers) only with ``--user``.
 """
 
 from __future__ import annotations
@@ -53,15 +57,18 @@ def _call(
     api: str, method: str, path: str, user: str = "", body: dict[str, Any] | None = None
 ) -> Any:
     auth = None
-    if method == "POST":
-        if not user:
-            fail("give --user (or BEDSIDE_USER): every command is done by a named user")
+    if method == "POST" and not user:
+        fail("give --user (or BEDSIDE_USER): every command is done by a named user")
+    if user:
         auth = (user, _password(user))
     try:
         r = httpx.request(method, f"{api}{path}", json=body, auth=auth, timeout=30)
     except httpx.HTTPError as exc:
         fail(f"no agent answers at {api}: {exc}")
-    data = r.json()
+    try:
+        data = r.json()
+    except ValueError:
+        fail(f"the agent answered {r.status_code} without JSON at {path}", 1)
     if r.status_code >= 400:
         for problem in data.get("problems", []):
             typer.echo(f"bedside: error: {problem}", err=True)
@@ -71,16 +78,21 @@ def _call(
 
 @run_app.command("start")
 def start(
-    recipe: Path,
+    recipe: str = typer.Argument(..., help="the recipe's name in the unit's recipe store"),
     param: list[str] = typer.Option(None, "--param", help="name=value"),
     bind: list[str] = typer.Option(None, "--bind", help="role=device"),
     api: str = API,
     user: str = USER,
     why: str = WHY,
 ) -> None:
-    """Start a run of RECIPE with its parameters."""
+    """Start a run of the installed recipe RECIPE (by name) with its parameters."""
+    if "/" in recipe or recipe.endswith((".yaml", ".yml")):
+        fail(
+            f"give the recipe's name in the unit's recipe store, not a file ({recipe!r}); "
+            "an engineer installs files with `bedside recipe install FILE`"
+        )
     body = {
-        "recipe": str(recipe.resolve()),
+        "recipe": recipe,
         "params": _pairs(param, "--param"),
         "bind": _pairs(bind, "--bind"),
         "why": why,
@@ -89,9 +101,14 @@ def start(
 
 
 @run_app.command("status")
-def status(api: str = API) -> None:
+def status(
+    api: str = API,
+    user: str = typer.Option(
+        "", "--user", help="sign in to see the run parameters (otherwise redacted)"
+    ),
+) -> None:
     """The current run: state, allowed commands, phase, prompts, alarms."""
-    typer.echo(json.dumps(_call(api, "GET", "/api/v1/run"), indent=2))
+    typer.echo(json.dumps(_call(api, "GET", "/api/v1/run", user), indent=2))
 
 
 def _command(name: str) -> Any:

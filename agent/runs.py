@@ -2,9 +2,11 @@
 
 ``RunManager.start`` loads the recipe against the unit configuration, binds its roles,
 checks the parameters, refuses when a run is active or the journal's disk is nearly full, and
-journals ``run_started`` (recipe id, version, file and SHA-256, parameters, binding, who)
-before the engine takes the first transition. ``recover`` finds the newest run in the journal
-and, if it had not ended, brings it back Held.
+journals ``run_started`` (recipe id, version, store name, file and SHA-256, parameters,
+binding, who) before the engine takes the first transition. Requests from people (the local
+API) give a ``StoredRecipe`` read by name from the unit's recipe store
+(``agent.recipe_store``); a path is accepted only from trusted code (the simulator, tests).
+``recover`` finds the newest run in the journal and, if it had not ended, brings it back Held.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from agent.devices import DeviceHub
 from agent.engine import Engine
 from agent.journal import Journal
 from agent.recipe_loader import bind, check_parameters, parse_recipe
+from agent.recipe_store import StoredRecipe
 from agent.runstate import RunMemory, last_run, load_run
 from agent.states import RunState
 from agent.yamlsource import DocumentError, Problem
@@ -68,7 +71,7 @@ class RunManager:
 
     async def start(
         self,
-        recipe_path: str | Path,
+        recipe_file: StoredRecipe | str | Path,
         params: Mapping[str, Any],
         *,
         who: str,
@@ -87,7 +90,12 @@ class RunManager:
             raise RunRefused(
                 "the journal's disk is nearly full: no run starts until space is freed"
             )
-        path, data = await asyncio.to_thread(_read, Path(recipe_path))
+        if isinstance(recipe_file, StoredRecipe):
+            name: str | None = recipe_file.name
+            path, data = recipe_file.path, recipe_file.data
+        else:
+            name = None
+            path, data = await asyncio.to_thread(_read, Path(recipe_file))
         # parsed from the very bytes that are hashed into the record
         recipe = parse_recipe(data.decode("utf-8", "replace"), str(path), self.config)
         binding = bind(recipe, self.config, overrides)
@@ -104,6 +112,7 @@ class RunManager:
                     "id": recipe.id,
                     "version": recipe.version,
                     "title": recipe.title,
+                    "name": name,
                     "path": str(path),
                     "sha256": hashlib.sha256(data).hexdigest(),
                     "master_file": recipe.master_file,

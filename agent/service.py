@@ -38,10 +38,12 @@ from agent.config import UnitConfig
 from agent.devices import DeviceHub
 from agent.journal import Journal
 from agent.keys import UnitKey, load_unit_key
+from agent.recipe_store import RecipeStore
 from agent.recorder import Recorder
 from agent.records import JournalError, Kind
 from agent.runs import RunManager, RunRefused
 from agent.uplink import Uplink
+from agent.users import UserStoreError
 from drivers.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -61,6 +63,8 @@ class AgentSettings:
     checkpoint_seconds: float = 60.0
     retention_seconds: float = 30 * 86400.0  # acknowledged records older than this are pruned
     prune_interval: float = 3600.0
+    recipes_dir: Path | None = None  # the recipe store; default <state_dir>/recipes
+    audit_drain_seconds: float = 2.0  # wall seconds between drains of the users' audit outbox
 
 
 class AgentService:
@@ -76,6 +80,11 @@ class AgentService:
         self.recorder: Recorder | None = None
         self.runs: RunManager | None = None
         self.authenticator: Authenticator | None = None
+        self.recipes = (
+            RecipeStore(settings.recipes_dir)
+            if settings.recipes_dir
+            else RecipeStore.in_dir(settings.state_dir)
+        )
         self._low_disk = False
         self._alarm_journaled = False  # the state of the low_disk alarm last journaled
         self.ready = asyncio.Event()
@@ -123,7 +132,29 @@ class AgentService:
         return out
 
     def _api(self) -> Starlette:
-        return create_api(self.status, self.runs, self.authenticator)
+        return create_api(
+            self.status,
+            self.runs,
+            self.authenticator,
+            recipes=self.recipes,
+            audit=self.journal.append if self.journal else None,
+        )
+
+    async def _drain_audit(self, journal: Journal) -> None:
+        """Journal what the ``bedside users`` CLI left in the audit outbox while we run (a
+        refused sign-in there is journaled within seconds, not at the next start). The CLI
+        writes in wall time, so this polls in wall time whatever the process clock's speed."""
+        outbox = AuditOutbox.in_dir(self.settings.state_dir)
+        failing = False
+        while True:
+            await asyncio.sleep(self.settings.audit_drain_seconds)
+            try:
+                await outbox.drain(journal.append)
+            except (UserStoreError, JournalError) as exc:  # kept for the next try
+                (log.debug if failing else log.error)("audit_outbox_drain_failed", error=str(exc))
+                failing = True
+            else:
+                failing = False
 
     async def _record(self, hub: DeviceHub, recorder: Recorder) -> None:
         async for sample in hub.observe(list(self.config.all_tags())):
@@ -286,6 +317,7 @@ class AgentService:
                         tg.create_task(self._record(hub, recorder), name="record")
                         tg.create_task(self._tick(recorder, journal), name="tick")
                         tg.create_task(self._prune(journal), name="prune")
+                        tg.create_task(self._drain_audit(journal), name="audit-outbox")
                         tg.create_task(self._serve_api(sock), name="api")
                         if s.control_site_url:
                             self.uplink = Uplink(

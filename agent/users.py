@@ -44,6 +44,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from agent.records import RecordFormatError, format_time, parse_time
+from agent.safe_text import escaped, plain_text_problem
 
 log = structlog.get_logger(__name__)
 
@@ -131,6 +132,31 @@ def normalise_name(name: str) -> str:
             "digits, '.', '_' or '-'"
         )
     return clean
+
+
+def is_name(name: str) -> bool:
+    """Whether ``name`` (trimmed, any case) could be a login id at all."""
+    return len(name) <= 64 and bool(_NAME_RE.match(name.strip().lower()))
+
+
+def escaped_name(name: str, limit: int = 32) -> str:
+    """An attacker-chosen name as safe to journal and print (``agent.safe_text.escaped``)."""
+    return escaped(name, limit)
+
+
+MAX_FULL_NAME = 100
+MAX_WHY = 500
+
+
+def check_text(value: str, what: str, limit: int) -> str:
+    """``value`` if it is at most ``limit`` characters of plain text (no control, format or
+    surrogate characters): it is printed on signatures and kept in the journal."""
+    if len(value) > limit:
+        raise UserError(f"{what} has {len(value)} characters; at most {limit}")
+    problem = plain_text_problem(value)
+    if problem:
+        raise UserError(f"{what}: {problem}")
+    return value
 
 
 def password_problems(password: str, *, name: str) -> list[str]:
@@ -357,6 +383,7 @@ def new_user(
     """A fresh, enabled account (the caller has checked the name, roles and password)."""
     if not full_name.strip():
         raise UserError(f"user {name!r} needs a full name: it is printed on signatures")
+    check_text(full_name, "the full name", MAX_FULL_NAME)
     return User(
         name=name,
         full_name=full_name.strip(),

@@ -152,6 +152,22 @@ async def test_unknown_names_lock_like_real_ones(auth: Authenticator, sink: Sink
     assert sink.records[0][1]["known_user"] is False
 
 
+@pytest.mark.parametrize(
+    "name", ["\u202eevil\x00\x1b[2J" + "n" * 10_000, "a", "x" * 65, "bad name", "\ud800"]
+)
+async def test_a_name_no_account_can_have_is_audited_short_and_escaped(
+    auth: Authenticator, sink: Sink, name: str
+) -> None:
+    """An attacker-chosen name that is not a login id fails like a wrong password; the audit
+    record holds at most a few dozen escaped ASCII characters of it, and nothing is kept."""
+    with pytest.raises(AuthenticationFailed, match=WRONG):
+        await auth.authenticate(name, "Wrong-Pass-123")
+    (kind, body), *_ = sink.records
+    assert kind == "audit" and body["action"] == "login_failed" and body["known_user"] is False
+    assert len(body["who"]) < 80 and body["who"].isascii() and body["who"].isprintable()
+    assert auth._ghosts == {}  # no lockout state grows for names that cannot exist
+
+
 async def test_disabled_user_is_refused(auth: Authenticator, sink: Sink) -> None:
     """A disabled account cannot sign in or sign; enabling it restores access."""
     root = await auth.authenticate("root", PW["root"])

@@ -7,65 +7,37 @@ System test: the simulated unit at accelerated time in this process, the real ag
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
-import sqlite3
-import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from argon2 import PasswordHasher
+from typer.testing import CliRunner
 
-from agent.auth import Authenticator, UserStore
-from agent.keys import init_unit_key
-from agent.records import Kind, Record
-from drivers.clock import ScaledClock, SystemClock
+from agent.cli_run import run_app
+from agent.records import Kind
+from drivers.clock import ScaledClock
 from simulators.unit import SimEndpoints, SimulatedUnit
+from tests.api_agent import (
+    PARAMS,
+    PASSWORDS,
+    RECIPE,
+    RECIPE_NAME,
+    Agent,
+    agent_argv,
+    prepare_state,
+)
 from tests.conftest import free_port
-
-RECIPE = Path(__file__).parent.parent / "recipes" / "tcell-selection-wash.yaml"
-PARAMS = {"coi_id": "COI-123456", "donation_id": "A123456789012"}
-PASSWORDS = {"admin": "Adm1n-pass-word", "alice": "Al1ce-pass-word", "bob": "B0b-pass-words"}
-
-
-async def _add_users(state: Path) -> None:
-    store = UserStore.in_dir(
-        state, hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-    )
-
-    async def sink(kind: str, body: dict[str, Any]) -> None:
-        return None
-
-    auth = Authenticator(store, SystemClock(), sink)
-    admin = await auth.add_user(None, "admin", "Unit Admin", ["admin"], PASSWORDS["admin"])
-    await auth.add_user(admin, "alice", "Alice Operator", ["operator"], PASSWORDS["alice"])
-    await auth.add_user(admin, "bob", "Bob Supervisor", ["supervisor"], PASSWORDS["bob"])
-
-
-@dataclass
-class Agent:
-    """A running ``bedside agent run`` process and where it keeps its journal."""
-
-    port: int
-    state: Path
-
-    def records(self) -> list[Record]:
-        """Every committed record (the agent holds the journal open; WAL lets us read)."""
-        conn = sqlite3.connect(f"file:{self.state / 'journal.db'}?mode=ro", uri=True)
-        try:
-            rows = conn.execute("SELECT data FROM records ORDER BY seq").fetchall()
-        finally:
-            conn.close()
-        return [Record.parse(data, strict=False) for (data,) in rows]
 
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    """The simulated unit in this process and the agent as a subprocess, with three users."""
+    """The simulated unit in this process and the agent as a subprocess, with four users and
+    the T-cell recipe installed in its recipe store."""
     run_dir = tmp_path / "run"
     ends = SimEndpoints(
         bioreactor_port=free_port(),
@@ -84,26 +56,11 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
         "BEDSIDE_RUN_DIR": str(run_dir),
     }
     state = tmp_path / "unit"
-    init_unit_key(state)
-    await _add_users(state)
+    await prepare_state(state)
     port = free_port()
     async with SimulatedUnit(ScaledClock(100), ends):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agent",
-            "--log-format",
-            "json",
-            "--log-level",
-            "warning",
-            "agent",
-            "run",
-            "--state-dir",
-            str(state),
-            "--api-port",
-            str(port),
-            "--speed",
-            "100",
+            *agent_argv(state, port),
             env=env,
             stderr=asyncio.subprocess.DEVNULL,
         )
@@ -149,7 +106,7 @@ async def run_view(service: Agent) -> dict[str, Any]:
 
 async def start(service: Agent) -> dict[str, Any]:
     async with client(service, "alice") as c:
-        r = await c.post("/api/v1/run/start", json={"recipe": str(RECIPE), "params": PARAMS})
+        r = await c.post("/api/v1/run/start", json={"recipe": RECIPE_NAME, "params": PARAMS})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -173,12 +130,12 @@ def answer(bag_id: str, verifier: str = "bob") -> dict[str, Any]:
 async def test_state_changes_need_an_authenticated_user(agent: Agent) -> None:
     """Starting a run without credentials or with a wrong password is refused (401)."""
     async with client(agent) as c:
-        r = await c.post("/api/v1/run/start", json={"recipe": str(RECIPE), "params": PARAMS})
+        r = await c.post("/api/v1/run/start", json={"recipe": RECIPE_NAME, "params": PARAMS})
         assert r.status_code == 401
         r = await c.post(
             "/api/v1/run/start",
             auth=("alice", "wrong-password-1"),
-            json={"recipe": str(RECIPE), "params": PARAMS},
+            json={"recipe": RECIPE_NAME, "params": PARAMS},
         )
         assert r.status_code == 401 and "unknown user or wrong password" in r.json()["error"]
     assert (await run_view(agent))["run"] is None
@@ -188,7 +145,7 @@ async def test_bad_parameters_are_refused_with_every_problem(agent: Agent) -> No
     """Missing and malformed parameters are all named; no run starts."""
     async with client(agent, "alice") as c:
         r = await c.post(
-            "/api/v1/run/start", json={"recipe": str(RECIPE), "params": {"coi_id": "12"}}
+            "/api/v1/run/start", json={"recipe": RECIPE_NAME, "params": {"coi_id": "12"}}
         )
     assert r.status_code == 422
     problems = " ".join(r.json()["problems"])
@@ -234,7 +191,7 @@ async def test_commands_are_authorised_per_role_and_refusals_journaled(agent: Ag
         r = await alice.post("/api/v1/run/command", json={"command": "resume"})
         assert r.status_code == 409 and "refused in state Running" in r.json()["error"]
         second = await alice.post(
-            "/api/v1/run/start", json={"recipe": str(RECIPE), "params": PARAMS}
+            "/api/v1/run/start", json={"recipe": RECIPE_NAME, "params": PARAMS}
         )
         assert second.status_code == 409 and "one run per unit" in second.json()["error"]
         r = await alice.post("/api/v1/run/command", json={"command": "hold", "why": "test"})
@@ -248,6 +205,35 @@ async def test_commands_are_authorised_per_role_and_refusals_journaled(agent: Ag
     assert any(
         a.get("action") == "command_refused" and a.get("command") == "resume" for a in audits
     )
+
+
+async def test_patient_identifiers_are_shown_only_to_signed_in_users(agent: Agent) -> None:
+    """Anonymous ``GET /api/v1/run`` and ``/status`` carry no COI or donation id (parameters are
+    redacted); a user with run.view sees them; wrong credentials are 401, an admin (no
+    run.view) 403; ``bedside run status`` works both ways."""
+    await start(agent)
+    async with client(agent) as anonymous, client(agent, "alice") as alice:
+        view = (await anonymous.get("/api/v1/run")).json()
+        status = (await anonymous.get("/api/v1/status")).text
+        signed_in = (await alice.get("/api/v1/run")).json()
+        wrong = await anonymous.get("/api/v1/run", auth=("alice", "wrong-password-1"))
+        admin = await anonymous.get("/api/v1/run", auth=("admin", PASSWORDS["admin"]))
+    assert view["state"] and view["redacted"] == ["params"]
+    assert set(view["params"]) >= set(PARAMS)
+    text = json.dumps(view) + status
+    assert PARAMS["coi_id"] not in text and PARAMS["donation_id"] not in text
+    assert signed_in["params"]["coi_id"] == PARAMS["coi_id"] and "redacted" not in signed_in
+    assert wrong.status_code == 401 and admin.status_code == 403
+    runner, url = CliRunner(), f"http://127.0.0.1:{agent.port}"
+    plain = await asyncio.to_thread(runner.invoke, run_app, ["status", "--api", url])
+    assert plain.exit_code == 0 and PARAMS["coi_id"] not in plain.stdout
+    full = await asyncio.to_thread(
+        runner.invoke,
+        run_app,
+        ["status", "--api", url, "--user", "alice"],
+        env={"BEDSIDE_PASSWORD": PASSWORDS["alice"]},
+    )
+    assert full.exit_code == 0 and json.loads(full.stdout)["params"]["coi_id"] == PARAMS["coi_id"]
 
 
 async def _state_is(service: Agent, state: str) -> bool:

@@ -183,6 +183,49 @@ async def test_outbox_keeps_what_a_failing_sink_did_not_take(tmp_path: Path) -> 
     assert [b["n"] for _, b in outbox.pending()] == [1, 2]
 
 
+async def test_a_corrupt_outbox_line_is_journaled_as_unreadable_and_blocks_nothing(
+    tmp_path: Path,
+) -> None:
+    """A line that is not a record (a torn write, an edit) becomes an ``audit_outbox_unreadable``
+    record naming its line, never its content; the records around it still drain."""
+    outbox = AuditOutbox.in_dir(tmp_path)
+    await outbox("audit", {"n": 1})
+    with outbox.path.open("a") as f:
+        f.write('{"kind": "audit", "body": SECRET-TEXT\n')
+    await outbox("audit", {"n": 3})
+    got: list[dict[str, Any]] = []
+
+    async def sink(kind: str, body: dict[str, Any]) -> None:
+        got.append(body)
+
+    assert await outbox.drain(sink) == 3
+    assert got[0] == {"n": 1} and got[2] == {"n": 3}
+    assert got[1]["action"] == "audit_outbox_unreadable" and got[1]["line"] == 2
+    assert "SECRET" not in str(got) and outbox.pending() == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("why", "w" * 501),
+        ("why", "forged\nline"),
+        ("full_name", "Eve\u202e"),
+        ("full_name", "E" * 101),
+    ],
+)
+def test_free_text_of_account_changes_is_limited_before_the_journal(
+    tmp_path: Path, field: str, value: str
+) -> None:
+    """A reason or full name that is too long or holds control characters is refused (exit 2,
+    naming it) and nothing is changed or audited."""
+    env = {"BEDSIDE_NEW_PASSWORD": "Adm1n-pass-word"}
+    args = ["add", "root", "--role", "admin", "--full-name"]
+    args += [value, "--why", "ok"] if field == "full_name" else ["Root Admin", "--why", value]
+    result = _cli(tmp_path, *args, env=env)
+    assert result.exit_code == 2 and ("characters" in result.stderr or "U+" in result.stderr)
+    assert UserStore.in_dir(tmp_path).all() == [] and AuditOutbox.in_dir(tmp_path).pending() == []
+
+
 # --- the CLI --------------------------------------------------------------------------------
 
 
