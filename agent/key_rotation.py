@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.journal import Journal
-from agent.journal_files import checkpoint_rows, connect_readonly, iter_rows, meta_anchor, read_meta
+from agent.journal_files import connect_readonly, read_meta, verify_path
 from agent.keys import UnitKey, load_key_file, load_unit_key, write_key_files
-from agent.records import ChainBroken, JournalError
-from agent.verify import ChainVerifier, root_keys
+from agent.records import JournalError
 from drivers.clock import SystemClock
 
 NEXT_FILE = "unit.key.next"
@@ -44,26 +43,8 @@ class Rotation:
 
 def _held_by(journal: Path, key: UnitKey) -> bool:
     """Whether ``key`` holds the journal's chain now (its last rotation handed it over)."""
-    conn = connect_readonly(journal)
-    try:
-        meta = read_meta(conn)
-        anchor_seq, anchor_hash = meta_anchor(meta)
-        own = {key.key_id: key.public_key}
-        verifier = ChainVerifier(
-            keys=root_keys(checkpoint_rows(conn), own),
-            unit=meta.get("unit"),
-            anchor_seq=anchor_seq,
-            anchor_hash=anchor_hash,
-            anchor_sig=meta.get("anchor_sig"),
-        )
-        for data, row in iter_rows(conn, anchor_seq):
-            verifier.feed(data, row=row)
-        verifier.finish(allow_unsealed=True)
-    except ChainBroken:
-        return False
-    finally:
-        conn.close()
-    return list(verifier.keys) == [key.key_id] and bool(verifier.rotations)
+    report = verify_path(journal, key.public_key, allow_unsealed=True)
+    return report.ok and bool(report.rotations) and report.rotations[-1][2] == key.key_id
 
 
 def rotate_unit_key(state_dir: str | Path, reason: str = "key rotation") -> Rotation:
