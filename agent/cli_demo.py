@@ -155,7 +155,14 @@ def demo(
             f"({'all' if stored == report.head_seq else 'NOT all'} of the journal's "
             f"{report.head_seq})"
         )
-        console.print(f"  files kept in {work}")
+        console.print(f"  files kept in {work}; check them as an auditor would:")
+        unit_dir = work / "unit"
+        console.print(
+            f"    bedside export {summary.run} --journal {unit_dir / 'journal.db'} "
+            f"--out {work / 'run.jsonl'}\n"
+            f"    bedside verify {work / 'run.jsonl'} --key-file {unit_dir / 'unit.pub'}",
+            soft_wrap=True,
+        )
         if summary.state != "Complete" or not report.ok or stored != report.head_seq:
             raise typer.Exit(1)
         console.print("[bold green]demo complete[/]")

@@ -150,9 +150,17 @@ def write_key_files(
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write_file(state / key_name, key.private_pem(), 0o600)
         if public:
-            _write_file(state / PUB_FILE, (key.public_key.b64 + "\n").encode("ascii"), 0o600)
+            write_public_key(state / PUB_FILE, key.public_key)
     except OSError as exc:
         raise UnitKeyError(f"cannot write the unit key into {state}: {exc}") from exc
+
+
+def write_public_key(path: str | Path, key: PublicKey) -> None:
+    """Write a public key file like ``unit.pub`` (base64, one line, 0600)."""
+    try:
+        _write_file(Path(path), (key.b64 + "\n").encode("ascii"), 0o600)
+    except OSError as exc:
+        raise UnitKeyError(f"cannot write the public key {path}: {exc}") from exc
 
 
 def init_unit_key(state_dir: str | Path, *, force: bool = False) -> tuple[UnitKey, str]:

@@ -30,7 +30,7 @@ from agent.config import UnitConfig, default_config_path, load_config
 from agent.devices import DeviceHub
 from agent.engine import FINAL, Engine
 from agent.journal import Journal
-from agent.keys import UnitKey
+from agent.keys import PUB_FILE, UnitKey, write_public_key
 from agent.recipe_loader import bind, check_parameters, load_recipe
 from agent.recipe_model import Input, PromptPhase
 from agent.recorder import Recorder
@@ -173,8 +173,9 @@ async def simulate(
     summary = Summary(journal=str(work / "journal.db"))
     passwords = {name: secrets.token_urlsafe(16) + "aA1!" for name in ["sim-admin", *SIM_USERS]}
     wall0 = asyncio.get_running_loop().time()
-    key = UnitKey.generate()
+    key = UnitKey.generate()  # a throwaway unit: its private key never touches the disk
     summary.public_key = key.public_key.b64
+    write_public_key(work / PUB_FILE, key.public_key)  # what an auditor verifies with
     if enrol is not None:
         enrol(config.unit.id, key.public_key.b64)
     async with (
