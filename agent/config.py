@@ -3,7 +3,7 @@
 A YAML file (see ``agent/data/unit-sim.yaml``) validated into frozen pydantic models; unknown
 keys are errors and every problem is reported at once with file, line and path. The models are
 translated into the drivers' frozen point definitions at the composition root
-(``agent.devices.build_driver``).
+(``agent.devices.hub.build_driver``).
 
 Shape::
 
@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent.yamlsource import DocumentError, Located, load_yaml, parse_yaml
+from agent.text.yamlsource import DocumentError, Located, load_yaml, parse_yaml
 from drivers.points import ByteOrder, ModbusTable, ModbusType, WordOrder
 
 _NAME = r"^[a-z][a-z0-9_]*$"

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
-from agent.records import JournalError, Kind, Record, Signer, format_time, uplink_payload
+from agent.record.format import JournalError, Kind, Record, Signer, format_time, uplink_payload
 from drivers.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -98,7 +98,7 @@ def check_control_site_url(url: str) -> str:
 
 
 class UplinkJournal(Protocol):
-    """What the uplink needs of ``agent.journal.Journal``."""
+    """What the uplink needs of ``agent.journal.journal.Journal``."""
 
     unit: str
 

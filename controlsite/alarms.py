@@ -25,8 +25,8 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from agent.records import format_time
-from controlsite.store import NewAlarm, Store
+from agent.record.format import format_time
+from controlsite.store.base import NewAlarm, Store
 
 TEXT_LIMIT = 400
 ALARM_LIMIT = 20

@@ -28,10 +28,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agent.records import Kind
+from agent.record.format import Kind
 from controlsite.alarms import AlarmPolicy, clean_text
 from controlsite.ingest import MAX_BODY_BYTES, Ingestor, IngestRequest, Refused
-from controlsite.store import ControlSiteError, Store, StoreError
+from controlsite.store.base import ControlSiteError, Store, StoreError
 from controlsite.tokens import authenticate
 
 log = structlog.get_logger(__name__)

@@ -14,9 +14,9 @@ from typing import Any
 
 import structlog
 
-from agent.keys import PublicKey
-from agent.records import UnitKeyError, format_time
-from controlsite.store import EnrolmentError, Store, check_unit_id, open_store
+from agent.record.format import UnitKeyError, format_time
+from agent.record.keys import PublicKey
+from controlsite.store.base import EnrolmentError, Store, check_unit_id, open_store
 
 log = structlog.get_logger(__name__)
 

@@ -1,7 +1,7 @@
 """Ingest: verify a unit's batch of journal records and store it, exactly once per (unit, seq).
 
 A request (docs/record-format.md, "Uplink") carries the unit id, a time, a nonce and an
-Ed25519 signature by the enrolled unit key over ``agent.records.uplink_payload`` of them and
+Ed25519 signature by the enrolled unit key over ``agent.record.format.uplink_payload`` of them and
 the SHA-256 of the compressed body. The body is the zlib (``deflate``) or gzip stream of
 canonical records separated by newlines, contiguous in seq.
 
@@ -10,7 +10,7 @@ Verification, in order, each failure a ``Refused`` naming the record where one c
 1. the unit is enrolled (401 ``unknown_unit``) and the request signature verifies with its key
    (401 ``bad_signature``); the body decompresses within the size limit (413/400);
 2. the batch does not start past the stored head + 1 (422 ``gap``);
-3. the batch is one chain (``agent.verify.ChainVerifier``): every record of this unit
+3. the batch is one chain (``agent.record.verify.ChainVerifier``): every record of this unit
    (``foreign_record``), contiguous, each ``prev`` the previous hash, checkpoints signed by the
    enrolled key (422 ``chain_broken``);
 4. records at seqs already stored are byte-identical to them (422 ``differs``): a resend after a
@@ -44,8 +44,7 @@ from typing import Any
 
 import structlog
 
-from agent.keys import PublicKey
-from agent.records import (
+from agent.record.format import (
     ChainBroken,
     Kind,
     Record,
@@ -54,9 +53,10 @@ from agent.records import (
     parse_time,
     uplink_payload,
 )
-from agent.verify import ChainVerifier
+from agent.record.keys import PublicKey
+from agent.record.verify import ChainVerifier
 from controlsite.alarms import AlarmPolicy, clean_text
-from controlsite.store import (
+from controlsite.store.base import (
     UNIT_ID_RE,
     ControlSiteError,
     HeadConflict,

@@ -26,7 +26,7 @@ import structlog
 import uvicorn
 
 from controlsite.app import create_app
-from controlsite.store import ControlSiteError, Store, open_store
+from controlsite.store.base import ControlSiteError, Store, open_store
 
 log = structlog.get_logger(__name__)
 

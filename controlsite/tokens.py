@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from agent.records import format_time, parse_time
-from controlsite.store import ControlSiteError, Store, Token
+from agent.record.format import format_time, parse_time
+from controlsite.store.base import ControlSiteError, Store, Token
 
 PREFIX = "bst_"
 MAX_PRESENTED = 256  # longer bearer values are refused before hashing

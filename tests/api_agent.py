@@ -16,10 +16,10 @@ from typing import Any
 
 from argon2 import PasswordHasher
 
-from agent.auth import Authenticator, UserStore
-from agent.keys import init_unit_key
-from agent.recipe_store import RecipeStore
-from agent.records import Kind, Record
+from agent.auth.authenticator import Authenticator, UserStore
+from agent.recipe.store import RecipeStore
+from agent.record.format import Kind, Record
+from agent.record.keys import init_unit_key
 from drivers.clock import SystemClock
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "tcell-selection-wash.yaml"

@@ -24,14 +24,14 @@ from typing import Any
 
 from argon2 import PasswordHasher
 
-from agent.auth import Authenticator, UserStore
+from agent.auth.authenticator import Authenticator, UserStore
 from agent.config import UnitConfig, default_config_path, load_config
-from agent.devices import DeviceHub
-from agent.engine import Engine
-from agent.journal import Journal
-from agent.keys import KEY_FILE, init_unit_key, load_unit_key
-from agent.runs import RunManager
-from agent.states import RunState
+from agent.devices.hub import DeviceHub
+from agent.engine.engine import Engine
+from agent.engine.runs import RunManager
+from agent.engine.states import RunState
+from agent.journal.journal import Journal
+from agent.record.keys import KEY_FILE, init_unit_key, load_unit_key
 from drivers.base import Quality
 from drivers.clock import ScaledClock
 from tests.conftest import free_port

@@ -15,8 +15,8 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.journal import Journal
-from agent.keys import load_unit_key
+from agent.journal.journal import Journal
+from agent.record.keys import load_unit_key
 from drivers.base import Quality, Sample
 from drivers.clock import SystemClock
 

@@ -27,12 +27,12 @@ import httpx
 import pytest
 
 from agent.config import default_config_path, parse_config
-from agent.journal import Journal
-from agent.keys import init_unit_key
-from agent.records import JournalStorageError, Kind
-from agent.service import AgentService, AgentSettings
+from agent.journal.journal import Journal
+from agent.record.format import JournalStorageError, Kind
+from agent.record.keys import init_unit_key
+from agent.runtime.service import AgentService, AgentSettings
 from controlsite.service import ControlSiteServer
-from controlsite.store import open_store
+from controlsite.store.base import open_store
 from drivers.clock import ManualClock, ScaledClock
 from simulators.unit import SimEndpoints, SimulatedUnit
 from tests.conftest import free_port
@@ -247,13 +247,13 @@ async def _above(get: Callable[[], Any], value: int) -> bool:
 
 def _no_signer() -> Any:
     """A throwaway signing key for a journal the test itself holds open."""
-    from agent.keys import UnitKey
+    from agent.record.keys import UnitKey
 
     return UnitKey.generate()
 
 
 def _all(path: Path) -> list[Any]:
-    from agent.records import Record
+    from agent.record.format import Record
 
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.alarms import (
+from agent.alarms.manager import (
     FLOOD_ALARM,
     AlarmError,
     AlarmManager,
@@ -16,7 +16,7 @@ from agent.alarms import (
     Priority,
     UnknownAlarm,
 )
-from agent.records import canonical
+from agent.record.format import canonical
 from drivers.clock import ManualClock
 
 HOUR = 3600.0

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.api_bodies import MAX_BODY, MAX_TEXT
-from agent.audit_outbox import AuditOutbox
+from agent.api.bodies import MAX_BODY, MAX_TEXT
+from agent.auth.outbox import AuditOutbox
 from tests.api_agent import PARAMS, PASSWORDS, RECIPE_NAME, Agent, agent_argv, prepare_state
 from tests.conftest import free_port
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from argon2 import PasswordHasher
 
-from agent.auth import (
+from agent.auth.authenticator import (
     WRONG,
     Action,
     AuthenticationFailed,
@@ -30,7 +30,7 @@ from agent.auth import (
     roles_allowing,
     verify_binding,
 )
-from agent.records import canonical
+from agent.record.format import canonical
 from drivers.clock import ManualClock
 
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -82,7 +82,7 @@ async def auth(tmp_path: Path, clock: ManualClock, sink: Sink) -> Authenticator:
 def _user(*roles: str) -> User:
     from datetime import UTC, datetime
 
-    from agent.users import new_user
+    from agent.auth.users import new_user
 
     return new_user("x" + "".join(r[0] for r in roles), "X", roles, "", datetime.now(UTC))
 

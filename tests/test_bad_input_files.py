@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from agent.config import default_config_path, load_config
-from agent.patterns import PatternError, full_match
-from agent.recipe_loader import ParameterError, check_parameters, load_recipe
-from agent.yamlsource import MAX_BYTES, DocumentError, Problem
+from agent.recipe.loader import ParameterError, check_parameters, load_recipe
+from agent.text.patterns import PatternError, full_match
+from agent.text.yamlsource import MAX_BYTES, DocumentError, Problem
 
 REPO = Path(__file__).parent.parent
 BROKEN = Path(__file__).parent / "recipes" / "broken"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agent.config import default_config_path, load_config, parse_config
-from agent.devices import check_write
-from agent.yamlsource import DocumentError
+from agent.devices.hub import check_write
+from agent.text.yamlsource import DocumentError
 from drivers.errors import WriteRefused
 
 GOOD = """\

@@ -12,13 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.keys import UnitKey
-from agent.records import format_time
+from agent.record.format import format_time
+from agent.record.keys import UnitKey
+from agent.record.verify import ChainVerifier, verify_records
 from agent.uplink import INGEST_PATH, build_request
-from agent.verify import ChainVerifier, verify_records
 from controlsite.enroll import enroll_unit
 from controlsite.service import ControlSiteServer
-from controlsite.store import ControlSiteError, Store, open_store
+from controlsite.store.base import ControlSiteError, Store, open_store
 from controlsite.tokens import init_state, issue, load_api_token
 from tests.conftest import free_port
 from tests.test_ingest import T0, Chain, key, store_url  # noqa: F401  (fixtures)

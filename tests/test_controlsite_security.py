@@ -22,14 +22,14 @@ import pytest
 import structlog.testing
 from starlette.routing import Route
 
-from agent.keys import UnitKey
-from agent.records import Record, checkpoint_body, format_time
+from agent.record.format import Record, checkpoint_body, format_time
+from agent.record.keys import UnitKey
 from agent.uplink import INGEST_PATH, build_request
 from controlsite.alarms import AlarmPolicy, clean_text
 from controlsite.app import create_app
 from controlsite.enroll import enroll_unit
 from controlsite.ingest import Ingestor
-from controlsite.store import Store, is_postgres_url, open_store
+from controlsite.store.base import Store, is_postgres_url, open_store
 from controlsite.tokens import issue, revoke
 from tests.test_ingest import T0, Chain, key, rebuilt, refusal, request, store, store_url  # noqa: F401
 

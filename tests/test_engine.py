@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.states import CommandRefused, RunState
+from agent.engine.states import CommandRefused, RunState
 from tests.engine_rig import (
     Rig,
     SimThread,

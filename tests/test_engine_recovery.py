@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.runs import RunRefused
-from agent.runstate import RunMemory, load_run
-from agent.states import RunState
+from agent.engine.memory import RunMemory, load_run
+from agent.engine.runs import RunRefused
+from agent.engine.states import RunState
 from tests.engine_rig import (
     SimThread,
     agent_rig,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.expr import (
+from agent.expr.expression import (
     ANY,
     BOOL,
     DURATION,

@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 
-from agent.journal import Journal
-from agent.journal_files import export, export_run, verify_path
-from agent.keys import UnitKey, init_unit_key, load_unit_key, write_key_files
-from agent.records import (
+from agent.journal.files import export, export_run, verify_path
+from agent.journal.journal import Journal
+from agent.record.format import (
     ChainBroken,
     Kind,
     Record,
@@ -32,6 +31,7 @@ from agent.records import (
     canonical,
     checkpoint_body,
 )
+from agent.record.keys import UnitKey, init_unit_key, load_unit_key, write_key_files
 from drivers.clock import ManualClock
 
 START = datetime(2026, 11, 25, 10, tzinfo=UTC)

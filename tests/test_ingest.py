@@ -1,6 +1,6 @@
 """Ingest verification against real stores: SQLite and PostgreSQL pass the same tests.
 
-Batches are built with the shared record format (``agent.records``) and signed with
+Batches are built with the shared record format (``agent.record.format``) and signed with
 ``agent.uplink.build_request``, exactly as the uplink sends them; each tamper kind must be
 refused naming the record and leave a tamper alarm.
 """
@@ -15,12 +15,19 @@ from typing import Any
 
 import pytest
 
-from agent.keys import UnitKey
-from agent.records import ZERO_HASH, Kind, Record, checkpoint_body, encode_samples, format_time
+from agent.record.format import (
+    ZERO_HASH,
+    Kind,
+    Record,
+    checkpoint_body,
+    encode_samples,
+    format_time,
+)
+from agent.record.keys import UnitKey
 from agent.uplink import build_request
 from controlsite.enroll import enroll_unit
 from controlsite.ingest import Ingestor, IngestRequest, Refused
-from controlsite.store import Store, open_store
+from controlsite.store.base import Store, open_store
 from drivers.base import Quality, Sample
 
 T0 = datetime(2026, 11, 25, 10, tzinfo=UTC)
@@ -312,7 +319,7 @@ def vars_of(req: IngestRequest) -> dict[str, Any]:
 
 def test_enrolled_unit_keeps_its_key(store: Store, key: UnitKey) -> None:
     """Enrolling again with the same key is harmless; another key is refused."""
-    from controlsite.store import EnrolmentError
+    from controlsite.store.base import EnrolmentError
 
     enroll_unit(store, "u9", key.public_key.b64)
     assert enroll_unit(store, "u9", key.public_key.b64)["key_id"] == key.key_id

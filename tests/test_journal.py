@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.journal import Journal
-from agent.journal_files import verify_path
-from agent.keys import UnitKey
-from agent.records import (
+from agent.journal.files import verify_path
+from agent.journal.journal import Journal
+from agent.record.format import (
     ChainBroken,
     JournalError,
     JournalStorageError,
@@ -25,6 +24,7 @@ from agent.records import (
     canonical,
     decode_samples,
 )
+from agent.record.keys import UnitKey
 from drivers.base import Quality, Sample
 from drivers.clock import ManualClock
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.journal import Journal
-from agent.journal_files import verify_path
-from agent.keys import UnitKey, init_unit_key
+from agent.journal.files import verify_path
+from agent.journal.journal import Journal
+from agent.record.keys import UnitKey, init_unit_key
 from drivers.clock import SystemClock
 
 CHILD = Path(__file__).resolve().parent / "journal_child.py"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.alarms import Priority
-from agent.monitors import Action, Change, Monitor, MonitorEvent, MonitorSet
+from agent.alarms.manager import Priority
+from agent.engine.monitors import Action, Change, Monitor, MonitorEvent, MonitorSet
 
 
 class Probe:

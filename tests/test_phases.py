@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.prompts import PromptRejected
-from agent.states import RunState
+from agent.engine.prompts import PromptRejected
+from agent.engine.states import RunState
 from tests.engine_rig import (
     Rig,
     SimThread,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import UnitConfig, default_config_path, load_config
-from agent.recipe_loader import load_recipe
-from agent.yamlsource import DocumentError
+from agent.recipe.loader import load_recipe
+from agent.text.yamlsource import DocumentError
 
 BROKEN = sorted((Path(__file__).parent / "recipes" / "broken").glob("*.yaml"))
 

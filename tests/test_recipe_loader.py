@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli_recipe import app
+from agent.cli.recipe import app
 from agent.config import UnitConfig, default_config_path, load_config
-from agent.expr import Quantity
-from agent.recipe_loader import (
+from agent.expr.expression import Quantity
+from agent.recipe.loader import (
     BindError,
     ParameterError,
     bind,
@@ -19,7 +19,7 @@ from agent.recipe_loader import (
     load_recipe,
     parse_recipe,
 )
-from agent.recipe_model import (
+from agent.recipe.model import (
     BranchPhase,
     CallPhase,
     PromptPhase,
@@ -29,8 +29,8 @@ from agent.recipe_model import (
     TimerPhase,
     TransferPhase,
 )
-from agent.recipe_schema import SCHEMA_PATH, schema_text
-from agent.yamlsource import DocumentError
+from agent.recipe.schema import SCHEMA_PATH, schema_text
+from agent.text.yamlsource import DocumentError
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -203,7 +203,7 @@ def test_int_and_bool_parameters() -> None:
 
 def test_committed_schema_is_up_to_date() -> None:
     """docs/recipe.schema.json equals what the models produce (regenerate: python -m
-    agent.recipe_schema)."""
+    agent.recipe.schema)."""
     assert SCHEMA_PATH.read_text(encoding="utf-8") == schema_text()
     schema = json.loads(schema_text())
     assert "procedure" in schema["required"]

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent import cli
-from agent.cli_recipe import app as recipe_app
-from agent.cli_run import run_app
-from agent.recipe_store import (
+from agent.cli import main as cli
+from agent.cli.recipe import app as recipe_app
+from agent.cli.run import run_app
+from agent.recipe.store import (
     MAX_BYTES,
     RecipeNameInvalid,
     RecipeNotFound,
@@ -170,7 +170,7 @@ def test_recipe_install_validates_then_installs_and_leaves_an_audit_record(
 ) -> None:
     """``bedside recipe install`` checks the recipe against the unit, installs it under its id,
     lists it, and leaves a ``recipe_installed`` record for the agent to journal."""
-    from agent.audit_outbox import AuditOutbox
+    from agent.auth.outbox import AuditOutbox
 
     state = tmp_path / "unit"
     r = CliRunner().invoke(recipe_app, ["install", str(TCELL), "--state-dir", str(state)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agent.config import Recording
-from agent.recorder import Recorder
+from agent.journal.recorder import Recorder
 from drivers.base import Quality, Sample
 from drivers.clock import ManualClock
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.journal import Journal
-from agent.keys import PublicKey, UnitKey
-from agent.records import (
+from agent.journal.journal import Journal
+from agent.record.format import (
     ZERO_HASH,
     Kind,
     Record,
@@ -29,7 +28,8 @@ from agent.records import (
     format_time,
     parse_time,
 )
-from agent.verify import ChainVerifier
+from agent.record.keys import PublicKey, UnitKey
+from agent.record.verify import ChainVerifier
 from drivers.base import Quality, Sample
 from drivers.clock import ManualClock
 

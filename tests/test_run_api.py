@@ -18,8 +18,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli_run import run_app
-from agent.records import Kind
+from agent.cli.run import run_app
+from agent.record.format import Kind
 from drivers.clock import ScaledClock
 from simulators.unit import SimEndpoints, SimulatedUnit
 from tests.api_agent import (

@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.config import default_config_path, load_config
-from agent.devices import DeviceHub
+from agent.devices.hub import DeviceHub
 from drivers.base import Quality
 from drivers.clock import ScaledClock, SystemClock
 from simulators.unit import BAG_TARE_G, SimEndpoints, SimulatedUnit

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.states import (
+from agent.engine.states import (
     OPERATOR_COMMANDS,
     STABLE,
     TABLE,

@@ -23,13 +23,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.journal import Journal
-from agent.keys import UnitKey
-from agent.records import Kind
+from agent.journal.journal import Journal
+from agent.record.format import Kind
+from agent.record.keys import UnitKey
 from agent.uplink import Uplink, UplinkURLError, check_control_site_url
 from controlsite.enroll import enroll_unit
 from controlsite.service import ControlSiteServer
-from controlsite.store import Store, open_store
+from controlsite.store.base import Store, open_store
 from drivers.base import Quality, Sample
 from drivers.clock import ManualClock
 from tests.conftest import free_port

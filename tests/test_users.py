@@ -14,8 +14,8 @@ import structlog
 from argon2 import PasswordHasher
 from typer.testing import CliRunner
 
-from agent.audit_outbox import AuditOutbox
-from agent.users import (
+from agent.auth.outbox import AuditOutbox
+from agent.auth.users import (
     PasswordRejected,
     UserError,
     UserStore,
@@ -230,7 +230,7 @@ def test_free_text_of_account_changes_is_limited_before_the_journal(
 
 
 def _cli(state: Path, *args: str, env: dict[str, str] | None = None) -> Any:
-    from agent.cli_users import app
+    from agent.cli.users import app
 
     runner = CliRunner()
     with structlog.testing.capture_logs():
@@ -307,7 +307,7 @@ def test_cli_passwd_changes_ones_own_password(tmp_path: Path) -> None:
 
 def test_cli_roles_lists_every_role() -> None:
     """`users roles` shows each role with its permissions."""
-    from agent.cli_users import app
+    from agent.cli.users import app
 
     r = CliRunner().invoke(app, ["roles"])
     assert r.exit_code == 0

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.journal import Journal
-from agent.journal_files import export, verify_path
-from agent.keys import PublicKey, UnitKey, init_unit_key, load_public_key, load_unit_key
-from agent.records import JournalError, Kind, Record, UnitKeyError, checkpoint_body
-from agent.verify import ChainVerifier
+from agent.journal.files import export, verify_path
+from agent.journal.journal import Journal
+from agent.record.format import JournalError, Kind, Record, UnitKeyError, checkpoint_body
+from agent.record.keys import PublicKey, UnitKey, init_unit_key, load_public_key, load_unit_key
+from agent.record.verify import ChainVerifier
 from drivers.clock import ManualClock
 
 # The fixture journal (checkpoint every 5 records):

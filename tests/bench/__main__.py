@@ -106,7 +106,7 @@ def main() -> None:
         )
 
     if want("journal"):
-        from agent.journal_bench import bench as journal_bench
+        from tests.bench.journal import bench as journal_bench
 
         section("Journal (SQLite WAL, synchronous=FULL, one core)")
         j = journal_bench(s)
@@ -123,7 +123,7 @@ def main() -> None:
         row("samples record, deflate", j["deflate_bytes_per_sample"], "bytes/sample")
 
     if want("drain"):
-        from controlsite.bench import bench_drain
+        from tests.bench.drain import bench_drain
 
         section("Drain: a 100,000-sample backlog to the control site (verified and stored)")
         stores: list[tuple[str, str | None]] = [("SQLite", None)]
@@ -162,7 +162,7 @@ def main() -> None:
 
         section(
             "CAR-T recipe at full speed, full recording "
-            "(agent.simulate, recipes/cart-expansion.yaml)"
+            "(agent.simulation.run, recipes/cart-expansion.yaml)"
         )
         engine.report_cart(row, [float(x) for x in args.cart_speeds.split(",")])
 

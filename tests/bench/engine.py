@@ -17,7 +17,8 @@ on, then a long timer runs under a procedure monitor ``reactor.temperature_sp > 
 
 It does this once with the engine's own scan period and once with a 20 ms scan, to show how
 much of the latency the scan period is. ``cart(speeds)`` runs ``recipes/cart-expansion.yaml``
-through ``agent.simulate.simulate`` (every tag recorded through the Recorder and Journal) at the
+through ``agent.simulation.run.simulate``
+(every tag recorded through the Recorder and Journal) at the
 first of ``speeds`` that completes.
 """
 
@@ -40,16 +41,16 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
-from agent.cli_sim import sim_endpoints
+from agent.cli.sim import sim_endpoints
 from agent.config import default_config_path, load_config
-from agent.devices import DeviceHub
-from agent.engine import Engine
-from agent.journal import Journal
-from agent.keys import UnitKey
-from agent.records import Kind, decode_samples
-from agent.runs import RunManager
-from agent.simulate import simulate
-from agent.states import RunState
+from agent.devices.hub import DeviceHub
+from agent.engine.engine import Engine
+from agent.engine.runs import RunManager
+from agent.engine.states import RunState
+from agent.journal.journal import Journal
+from agent.record.format import Kind, decode_samples
+from agent.record.keys import UnitKey
+from agent.simulation.run import simulate
 from drivers.clock import Clock, SystemClock
 from simulators.pumps import RequestRecord
 from simulators.unit import FEED_PUMP, SimulatedUnit

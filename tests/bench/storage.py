@@ -39,10 +39,10 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from agent.config import ModbusDevice, OpcUaDevice, SerialDevice, UnitConfig, load_config
-from agent.journal import Journal
-from agent.journal_files import verify_path
-from agent.keys import UnitKey
-from agent.recorder import Recorder
+from agent.journal.files import verify_path
+from agent.journal.journal import Journal
+from agent.journal.recorder import Recorder
+from agent.record.keys import UnitKey
 from drivers.base import Quality, Sample, Value
 from drivers.clock import ManualClock
 from simulators.bioreactor_model import BioreactorModel
