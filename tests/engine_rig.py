@@ -4,7 +4,7 @@
 thread (a module's tests share one; ``reset_unit`` between tests). With the same variables set
 (``BEDSIDE_SIM_*``, ``BEDSIDE_RUN_DIR``: monkeypatch them), ``agent_rig(tmp)`` builds what the
 agent builds from the shipped ``agent/data/unit-sim.yaml``: a ``DeviceHub`` whose observations
-feed ``hub.latest``, a ``Journal`` signed with the unit key of ``tmp/state``, a ``UserStore``
+feed ``hub.snapshot``, a ``Journal`` signed with the unit key of ``tmp/state``, a ``UserStore``
 with cheap argon2 parameters and the users ``olive`` (operator), ``sam`` (supervisor) and
 ``quinn`` (qa), and a ``RunManager``, all on a ``ScaledClock``. The crash test's child process
 builds the same ``agent_rig`` against a unit its parent serves.
@@ -236,10 +236,10 @@ async def agent_rig(
 
             spawn(feed())
             await wait_for(
-                lambda: set(config.all_tags()) <= set(hub.latest),
+                lambda: set(config.all_tags()) <= set(hub.snapshot),
                 "first readings of every tag",
                 20,
-                lambda: f"missing {set(config.all_tags()) - set(hub.latest)}",
+                lambda: f"missing {set(config.all_tags()) - set(hub.snapshot)}",
             )
             runs = RunManager(config, hub, journal, clock, spawn, authenticator=auth)
             rig = Rig(tmp, config, clock, hub, journal, auth, runs, tasks)

@@ -332,7 +332,7 @@ async def test_a_refused_call_holds_and_is_made_again_on_restart(rig: Rig, sim: 
 
 
 def _state(rig: Rig) -> object:
-    sample = rig.hub.latest.get("cp_state")
+    sample = rig.hub.snapshot.get("cp_state")
     return sample.value if sample else None
 
 

@@ -65,7 +65,7 @@ def _table(engine: Any, uplink: dict[str, Any]) -> Table:
     t.add_row("completed phases", str(len(engine.memory.completed)))
     t.add_row("active alarms", ", ".join(alarms) or "none")
     for tag in SHOWN:
-        s = engine.hub.latest.get(tag)
+        s = engine.hub.snapshot.get(tag)
         v = (
             ""
             if s is None

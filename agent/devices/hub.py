@@ -3,15 +3,16 @@
 Every write passes here, where it is checked against the tag's definition (known, writable,
 of the right type, inside its limits) *before* anything is sent; a refused write raises
 ``WriteRefused`` naming the tag, the value and the limits. Reads and observations are routed
-to the drivers that own the tags, and the latest sample of every tag is kept in a cache.
+to the drivers that own the tags, and the latest sample of every tag is kept; readers see it
+through the read-only ``snapshot``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterable, Sequence
-from types import TracebackType
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from types import MappingProxyType, TracebackType
 from typing import Self
 
 import structlog
@@ -169,13 +170,33 @@ class DeviceHub:
     """
 
     def __init__(
-        self, config: UnitConfig, clock: Clock, devices: Iterable[str] | None = None
+        self,
+        config: UnitConfig,
+        clock: Clock,
+        devices: Iterable[str] | None = None,
+        *,
+        drivers: Mapping[str, Driver] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
-        names = list(devices) if devices is not None else list(config.devices)
-        self.drivers: dict[str, Driver] = {n: build_driver(n, config, clock) for n in names}
-        self.latest: dict[str, Sample] = {}
+        if drivers is not None:  # given (a test's FakeDriver): one per configured device
+            unknown = set(drivers) - set(config.devices)
+            if unknown:
+                raise ConfigurationError(
+                    ", ".join(sorted(unknown)), "driver given for a device the unit does not have"
+                )
+            self.drivers: dict[str, Driver] = dict(drivers)
+        else:
+            names = list(devices) if devices is not None else list(config.devices)
+            self.drivers = {n: build_driver(n, config, clock) for n in names}
+        self._latest: dict[str, Sample] = {}
+        self._snapshot: Mapping[str, Sample] = MappingProxyType(self._latest)
+
+    @property
+    def snapshot(self) -> Mapping[str, Sample]:
+        """The latest sample of every tag seen, read-only and live: each ``Sample`` carries its
+        value, quality, agent and source timestamps. Only the hub writes it."""
+        return self._snapshot
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -223,7 +244,7 @@ class DeviceHub:
         out: dict[str, Sample] = {}
         for dev, dev_tags in self._by_device(tags).items():
             out.update(await self.drivers[dev].read(dev_tags))
-        self.latest.update(out)
+        self._latest.update(out)
         return {t: out[t] for t in tags if t in out}
 
     async def write(self, tag: str, value: Value) -> Value:
@@ -269,7 +290,7 @@ class DeviceHub:
                     log.warning("observe_failed", device=dev, error=str(exc))
                     now = self.clock.now()
                     for t in dev_tags:
-                        last = self.latest.get(t)
+                        last = self._latest.get(t)
                         await queue.put(
                             Sample(
                                 t,
@@ -289,7 +310,7 @@ class DeviceHub:
         try:
             while True:
                 sample = await queue.get()
-                self.latest[sample.tag] = sample
+                self._latest[sample.tag] = sample
                 yield sample
         finally:
             for task in tasks:

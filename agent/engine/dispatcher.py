@@ -60,7 +60,7 @@ class Dispatcher:
 
     def latest(self, tag: str) -> Sample | None:
         """The newest sample of a tag the hub has seen."""
-        return self.hub.latest.get(tag)
+        return self.hub.snapshot.get(tag)
 
     async def read(self, tags: Sequence[str]) -> dict[str, Sample]:
         return await self.hub.read(list(tags))

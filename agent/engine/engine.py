@@ -90,7 +90,13 @@ class Engine:
         self.dispatcher = Dispatcher(hub, journal, clock, run=self.run)
         self._t0 = clock.monotonic() - memory.elapsed_run
         self.env = RunEnv(
-            recipe, config, memory.binding, memory.params, hub.latest, memory.outputs, self.elapsed
+            recipe,
+            config,
+            memory.binding,
+            memory.params,
+            hub.snapshot,
+            memory.outputs,
+            self.elapsed,
         )
         self.alarms = AlarmManager(clock, self._sink)
         self.prompts = Prompts(self, authenticator)
@@ -433,7 +439,7 @@ class Engine:
     async def _scan_once(self, used: dict[str, list[str]]) -> None:
         await self.alarms.tick()
         for device, tags in used.items():
-            samples = [self.hub.latest.get(t) for t in tags]
+            samples = [self.hub.snapshot.get(t) for t in tags]
             bad = any(s is not None and s.quality is Quality.BAD for s in samples)
             if bad and device not in self._lost:
                 self._lost.add(device)

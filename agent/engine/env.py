@@ -6,7 +6,7 @@ reading raises ``Unknown`` (a monitor then neither trips nor clears, and a wait 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.config import UnitConfig
@@ -29,7 +29,7 @@ class RunEnv:
         config: UnitConfig,
         binding: dict[str, str],
         params: dict[str, Any],
-        latest: dict[str, Sample],
+        latest: Mapping[str, Sample],
         outputs: dict[str, dict[str, Any]],
         elapsed: Callable[[], float],
     ) -> None:

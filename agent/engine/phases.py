@@ -278,7 +278,7 @@ class PhaseRunner:
 
         def finished() -> bool | None:
             if any(
-                (s := self.e.hub.latest.get(t)) is None or s.agent_time <= called_at
+                (s := self.e.hub.snapshot.get(t)) is None or s.agent_time <= called_at
                 for t in watched
             ):
                 return None

@@ -117,7 +117,7 @@ class AgentService:
                 name: sorted(
                     {
                         s.quality.value
-                        for t, s in self.hub.latest.items()
+                        for t, s in self.hub.snapshot.items()
                         if self.config.all_tags().get(t) == name
                     }
                 )

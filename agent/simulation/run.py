@@ -258,7 +258,7 @@ async def simulate(
         finally:
             await hub.close()
         summary.final = {
-            t: s.value for t, s in sorted(hub.latest.items()) if t in engine.env.used_tags()
+            t: s.value for t, s in sorted(hub.snapshot.items()) if t in engine.env.used_tags()
         }
     summary.wall_seconds = asyncio.get_running_loop().time() - wall0
     _fill(summary, work / "journal.db")

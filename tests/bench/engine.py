@@ -1,7 +1,7 @@
 """Engine figures: trip-to-hold latency at real time, and the CAR-T recipe at full speed.
 
 ``trip_to_hold(trips)`` runs the agent as the service composes it (a ``DeviceHub`` observing
-every tag into ``hub.latest``, a ``Journal``, a ``RunManager``) against the in-process
+every tag into ``hub.snapshot``, a ``Journal``, a ``RunManager``) against the in-process
 ``SimulatedUnit`` on the wall clock, with a small recipe (``RECIPE``): the feed pump is switched
 on, then a long timer runs under a procedure monitor ``reactor.temperature_sp > 38.5 degC``
 (``on_delay`` 0, action hold) whose hold action switches the feed pump off. Each trip:
